@@ -1,0 +1,21 @@
+"""r2m_kernels: the low-level ops of R2M (attention pooling, GREBT loss) and their backends.
+
+Knows nothing of transformers; `r2m` builds the model and training layer on top of it.
+"""
+
+from . import dispatch, reference
+from .dispatch import BackendUnavailableError, available_backends
+from .interface import attention_pool, grebt_loss
+from .validation import finite_checks
+
+__version__ = "0.1.0"
+__all__ = ["attention_pool", "grebt_loss", "available_backends", "finite_checks",
+           "BackendUnavailableError", "__version__"]
+
+
+def _runs_anywhere(device):
+    return None
+
+
+dispatch.register("attention_pool", "torch", reference.attention_pool_torch, _runs_anywhere)
+dispatch.register("grebt_loss", "torch", reference.grebt_loss_torch, _runs_anywhere)

@@ -1,0 +1,53 @@
+"""Public functional API: validate, pick a backend, call it."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .validation import validate_attention_pool, validate_grebt
+
+
+def attention_pool(hidden: torch.Tensor, q: torch.Tensor, scale: float, *, mask=None,
+                   cu_seqlens=None, backend: str = "auto") -> torch.Tensor:
+    """Attention pooling of hidden states by one query per (sequence, head).
+
+        pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]   over valid t
+
+    Args:
+        hidden: (B, S, D_p) padded, or (N, D_p) packed; fp16, bf16, fp32 (fp64: torch only).
+        q: (B, n_h, D_p); may be fp32 when hidden is 16-bit.
+        scale: softmax temperature, usually 1/sqrt(d_h).
+        mask: (B, S) bool or integer, nonzero = valid (transformers' attention_mask); padded only.
+        cu_seqlens: (B+1,) int32 offsets of the sequences in packed hidden.
+        backend: "auto", "torch", "triton" or "cuda".
+    Returns:
+        pooled (B, n_h, D_p) in hidden.dtype. Softmax and accumulation are fp32.
+    """
+    scale = validate_attention_pool(hidden, q, scale, mask, cu_seqlens)
+    _, fn = dispatch.resolve("attention_pool", backend, hidden.device)
+    return fn(hidden, q, scale, mask=mask, cu_seqlens=cu_seqlens)
+
+
+def grebt_loss(rewards: torch.Tensor, group_size: int | None = None, *, cu_groups=None,
+               alpha: float = 0.3, eps: float = 1e-6, reduction: str = "mean",
+               backend: str = "auto") -> torch.Tensor:
+    """Group Reward Entropy Bradley-Terry loss (DESIGN §1.3).
+
+    Per group: (1 - alpha) * -log sigmoid(r_max - r_min) + alpha * entropy(softmax(z)),
+    z = (r - mean) / (population std + eps); the (max, min) pair is selected, not
+    differentiated.
+
+    Args:
+        rewards: (B,) fp16, bf16, fp32 or fp64.
+        group_size: K for B/K contiguous groups of K; or instead
+        cu_groups: (G+1,) int32 offsets of ragged groups.
+        alpha: mix of the entropy term, in [0, 1]. eps: > 0.
+        reduction: "mean" or "sum" over groups (a scalar), or "none" ((G,) per group).
+    Returns:
+        fp32 loss (fp64 for fp64 rewards).
+    """
+    alpha, eps, _ = validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction)
+    _, fn = dispatch.resolve("grebt_loss", backend, rewards.device)
+    return fn(rewards, group_size=group_size, cu_groups=cu_groups, alpha=alpha, eps=eps,
+              reduction=reduction)

@@ -1,0 +1,171 @@
+"""The one place that checks inputs of the public ops.
+
+Shape, dtype and device checks always run. Checks that need the tensors' values (an
+all-masked row, cu_seqlens that do not increase) synchronise with the device once per call;
+they are skipped while torch.compile traces, where a data-dependent branch would break the
+graph. NaN/Inf checks run only when enabled (`finite_checks()` or R2M_CHECK_FINITE=1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+_check_finite = os.environ.get("R2M_CHECK_FINITE", "0") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool = True):
+    """Within the block, reject NaN/Inf in the inputs of r2m_kernels ops (costs one sync)."""
+    global _check_finite
+    previous, _check_finite = _check_finite, bool(enabled)
+    try:
+        yield
+    finally:
+        _check_finite = previous
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t, *, ranks, dtypes=FLOAT_DTYPES, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
+    if t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if _check_finite and not _tracing() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_offsets(name: str, offsets, total: int, total_name: str, device) -> int:
+    """int32 (n+1,) offsets, starting at 0, strictly increasing, ending at `total`. Returns n."""
+    check_tensor(name, offsets, ranks=(1,), dtypes=(torch.int32,), device=device)
+    if offsets.numel() < 2:
+        raise ValueError(f"{name} must have at least 2 entries (n+1 offsets), got shape {_shape(offsets)}")
+    if not _tracing():
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0:
+            raise ValueError(f"{name}[0] must be 0, got {first}")
+        if last != total:
+            raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {last}")
+        if not bool((offsets[1:] > offsets[:-1]).all()):
+            raise ValueError(f"{name} must be strictly increasing (every segment non-empty)")
+    return offsets.numel() - 1
+
+
+def check_scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def validate_sequences(hidden, mask, cu_seqlens) -> int:
+    """Check a batch of sequences: hidden (B, S, D_p) padded, optionally with mask (B, S); or
+    (N, D_p) packed with cu_seqlens (B+1,) int32. Returns B."""
+    check_tensor("hidden", hidden, ranks=(2, 3))
+    device = hidden.device
+    if hidden.shape[-1] == 0:
+        raise ValueError("hidden must have a non-empty last dimension D_p")
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed hidden (N, D_p); got padded hidden "
+                             f"{_shape(hidden)} (use mask for padded input)")
+        batch, seqlen = hidden.shape[0], hidden.shape[1]
+        if seqlen == 0:
+            raise ValueError(f"hidden has no positions (S = 0), shape {_shape(hidden)}")
+    else:
+        if cu_seqlens is None:
+            raise ValueError(f"packed hidden {_shape(hidden)} (N, D_p) needs cu_seqlens (B+1,) int32")
+        if mask is not None:
+            raise ValueError("mask is for padded hidden (B, S, D_p); packed hidden uses cu_seqlens")
+        batch = check_offsets("cu_seqlens", cu_seqlens, hidden.shape[0], "hidden.shape[0] (N)", device)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask must be bool or integer (nonzero = valid), got {mask.dtype}")
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"mask must have shape (B, S) = {tuple(hidden.shape[:2])}, got {_shape(mask)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {device}")
+        if not _tracing():
+            empty = (mask == 0).all(dim=1)
+            if bool(empty.any()):
+                rows = empty.nonzero().flatten()[:8].tolist()
+                raise ValueError(f"mask has rows with no valid position (rows {rows}); "
+                                 "attention over an empty row is undefined")
+    check_finite("hidden", hidden)
+    return batch
+
+
+def validate_attention_pool(hidden, q, scale, mask, cu_seqlens) -> float:
+    """Check the inputs of attention_pool: the sequences (validate_sequences), q (B, n_h, D_p)
+    of a floating dtype on hidden's device, a finite scale. Returns scale as a float."""
+    batch = validate_sequences(hidden, mask, cu_seqlens)
+    check_tensor("q", q, ranks=(3,), device=hidden.device)
+    d_p = hidden.shape[-1]
+    if q.shape[0] != batch or q.shape[2] != d_p:
+        raise ValueError(f"q must have shape (B, n_h, D_p) = ({batch}, n_h, {d_p}), got {_shape(q)}")
+    if q.shape[1] == 0:
+        raise ValueError(f"q must have at least one head, got shape {_shape(q)}")
+    check_finite("q", q)
+    return check_scalar("scale", scale)
+
+
+def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction):
+    """Check the inputs of grebt_loss. Returns (alpha, eps, num_groups)."""
+    check_tensor("rewards", rewards, ranks=(1,))
+    n = rewards.shape[0]
+    if n == 0:
+        raise ValueError("rewards is empty")
+    if (group_size is None) == (cu_groups is None):
+        raise ValueError("give exactly one of group_size (uniform groups) or cu_groups (ragged groups)")
+    if group_size is not None:
+        check_int("group_size", group_size, low=1)
+        if n % group_size:
+            raise ValueError(f"group_size = {group_size} does not divide the number of rewards B = {n}")
+        groups = n // group_size
+    else:
+        groups = check_offsets("cu_groups", cu_groups, n, "rewards.shape[0] (B)", rewards.device)
+    alpha = check_scalar("alpha", alpha, low=0.0, high=1.0)
+    eps = check_scalar("eps", eps, low=0.0, low_open=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_finite("rewards", rewards)
+    return alpha, eps, groups
