@@ -19,3 +19,8 @@ def _runs_anywhere(device):
 
 dispatch.register("attention_pool", "torch", reference.attention_pool_torch, _runs_anywhere)
 dispatch.register("grebt_loss", "torch", reference.grebt_loss_torch, _runs_anywhere)
+
+try:
+    from . import triton as _triton_backend
+except ImportError as exc:  # no triton on this platform: the torch backend still works
+    dispatch.mark_unavailable("triton", f"triton is not importable ({exc})")

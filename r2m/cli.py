@@ -1,0 +1,31 @@
+"""The `r2m` command. Each subcommand lives in its own module, which provides HELP,
+add_arguments(parser) and run(args) -> exit code; it is imported only when chosen."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    # name: module
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="r2m", description="Real-Time Aligned Reward Models for RLHF")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        sub.add_parser(name, help=f"see `r2m {name} --help`", add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    cmd = argparse.ArgumentParser(prog=f"r2m {argv[0]}", description=module.HELP)
+    module.add_arguments(cmd)
+    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The `triton` backend: Triton kernels, one module per op, each with its autograd Function.
+
+On CUDA tensors the kernels compile for the GPU. On CPU tensors they run only in Triton's
+interpreter (TRITON_INTERPRET=1, set before this package is imported), which is for tests.
+"""
+
+import os
+
+import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_not(device) -> str | None:
+    """None when Triton kernels can run on tensors of `device`, else the reason."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return (f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import to run "
+            f"them in the interpreter on the CPU); got tensors on {device}")
