@@ -1,0 +1,167 @@
+"""R2MHead: eager against the float64 loop, folded backends against eager, the schedule."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import r2m_kernels
+from r2m import R2MHead, omega
+from tests.inputs import MASK_KINDS, make_mask, pack
+from tests.loops import r2m_head_loop
+
+FOLDED = [b for b in ("torch", "triton", "cuda") if b in r2m_kernels.available_backends("attention_pool", "cpu")]
+
+
+def make_head(rm_dim=11, policy_dim=13, attn_dim=12, heads=1, dtype=torch.float64, **kwargs):
+    head = R2MHead(rm_dim, policy_dim, attn_dim, heads, **kwargs).to(dtype)
+    with torch.no_grad():  # larger weights than the default init: non-trivial attention
+        for p in head.parameters():
+            p.normal_(0, 0.5)
+    return head
+
+
+def loop_params(head):
+    return {"W_q": head.q_proj.weight.T, "W_k": head.k_proj.weight.T, "W_v": head.v_proj.weight.T,
+            "W_o": head.o_proj.weight.T, "w": head.score.weight[0], "b": head.score.bias[0]}
+
+
+def all_grads(head, rewards, extra, seed=0):
+    g = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(seed), dtype=rewards.dtype)
+    inputs = list(head.parameters()) + list(extra)
+    return torch.autograd.grad((rewards * g).sum(), inputs, retain_graph=True)
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("heads, seq_len", [(1, 1), (1, 9), (3, 7)])
+def test_eager_matches_the_float64_loop(mask_kind, heads, seq_len):
+    head = make_head(heads=heads, backend="eager")
+    rte = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(3, seq_len, 13, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(3, seq_len, mask_kind)
+    w = 0.35
+    got = head(rte, hidden, mask=mask, omega=w)
+    want = r2m_head_loop(loop_params(head), rte, hidden, heads, w, mask)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(all_grads(head, got, (rte, hidden)), all_grads(head, want, (rte, hidden))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FOLDED)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("heads, seq_len, policy_dim", [(1, 1, 13), (1, 37, 19), (4, 10, 13)])
+def test_folded_matches_eager(backend, dtype, tol, mask_kind, heads, seq_len, policy_dim):
+    torch.manual_seed(seq_len * 7 + heads)
+    eager = make_head(policy_dim=policy_dim, heads=heads, dtype=dtype, backend="eager")
+    folded = make_head(policy_dim=policy_dim, heads=heads, dtype=dtype, backend=backend)
+    folded.load_state_dict(eager.state_dict())
+    rte = torch.randn(5, 11, dtype=dtype, requires_grad=True)
+    hidden = torch.randn(5, seq_len, policy_dim, dtype=dtype, requires_grad=True)
+    mask = make_mask(5, seq_len, mask_kind)
+    want = eager(rte, hidden, mask=mask, omega=0.4)
+    got = folded(rte, hidden, mask=mask, omega=0.4)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    names = [n for n, _ in eager.named_parameters()] + ["rte", "hidden"]
+    for name, a, b in zip(names, all_grads(folded, got, (rte, hidden)), all_grads(eager, want, (rte, hidden))):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FOLDED)
+def test_packed_equals_padded(backend):
+    head = make_head(heads=2, backend=backend)
+    rte = torch.randn(4, 11, dtype=torch.float64)
+    hidden = torch.randn(4, 15, 13, dtype=torch.float64)
+    mask = make_mask(4, 15, "holes")
+    packed, cu = pack(hidden, mask)
+    torch.testing.assert_close(head(rte, packed, cu_seqlens=cu, omega=0.2),
+                               head(rte, hidden, mask=mask, omega=0.2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FOLDED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_zero_is_the_original_reward_exactly(backend, dtype):
+    head = R2MHead(11, 13, 12, 2, total_steps=50, backend=backend)
+    rte = torch.randn(6, 11).to(dtype)
+    hidden = torch.randn(6, 8, 13).to(dtype)
+    rewards = head(rte, hidden, step=0)
+    assert rewards.dtype == torch.float32 and rewards.shape == (6,)
+    assert torch.equal(rewards, head.score(rte.float()).squeeze(-1))
+    assert not torch.equal(head(rte, hidden, step=25), rewards)  # the attention matters later
+
+
+def test_step_omega_and_evaluation_weights():
+    head = make_head(omega_floor=0.7, total_steps=20)
+    rte, hidden = torch.randn(2, 11, dtype=torch.float64), torch.randn(2, 5, 13, dtype=torch.float64)
+    for step in (0, 3, 10, 20):
+        torch.testing.assert_close(head(rte, hidden, step=step), head(rte, hidden, omega=omega(step, 20, 0.7)))
+    torch.testing.assert_close(head(rte, hidden), head(rte, hidden, omega=0.7))  # evaluation: t = T
+    h_hat = head.attend(rte, hidden)
+    torch.testing.assert_close(head.embed(rte, hidden, omega=0.25), 0.75 * h_hat + 0.25 * rte)
+    torch.testing.assert_close(head(rte, hidden, omega=0.25), head.score(0.75 * h_hat + 0.25 * rte).squeeze(-1))
+    with pytest.raises(ValueError, match="step or omega"):
+        head(rte, hidden, step=1, omega=0.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        make_head()(rte, hidden, step=1)
+    with pytest.raises(ValueError, match="omega"):
+        head(rte, hidden, omega=1.5)
+
+
+def test_16bit_inputs_fp32_parameters_and_rewards():
+    head = R2MHead(11, 13, 12, 3)
+    rte, hidden = torch.randn(4, 11).half(), torch.randn(4, 6, 13).bfloat16()
+    rewards = head(rte, hidden, omega=0.5)
+    assert rewards.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    rewards.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+@pytest.mark.parametrize("backend", FOLDED)
+def test_bf16_error_is_within_twice_eager_error(backend):
+    """DESIGN §5: in low precision, the folded path's error against float64 is at most twice the
+    error of the eager path run in the same precision, plus a small slack."""
+    ref = make_head(rm_dim=24, policy_dim=40, attn_dim=32, heads=2)
+    rte = torch.randn(8, 24, dtype=torch.float64)
+    hidden = torch.randn(8, 33, 40, dtype=torch.float64)
+    mask = make_mask(8, 33, "left")
+    want = ref(rte, hidden, mask=mask, omega=0.3)
+    errors = {}
+    for name in ("eager", backend):
+        head = make_head(rm_dim=24, policy_dim=40, attn_dim=32, heads=2, dtype=torch.bfloat16, backend=name)
+        head.load_state_dict(ref.state_dict())
+        got = head(rte.bfloat16(), hidden.bfloat16(), mask=mask, omega=0.3)
+        errors[name] = (got.double() - want).abs().max().item()
+    assert errors[backend] <= 2 * errors["eager"] + 1e-2, errors
+
+
+def test_from_score_head_copies_phi():
+    rm_head = nn.Linear(11, 1).to(torch.bfloat16)
+    head = R2MHead.from_score_head(rm_head, policy_dim=13, attn_dim=8, num_heads=2, omega_floor=0.5)
+    assert (head.rm_dim, head.policy_dim, head.attn_dim, head.num_heads, head.omega_floor) == (11, 13, 8, 2, 0.5)
+    assert head.score.weight.dtype == torch.float32
+    assert torch.equal(head.score.weight, rm_head.weight.float())
+    assert torch.equal(head.score.bias, rm_head.bias.float())
+    rte = torch.randn(3, 11)
+    torch.testing.assert_close(head(rte, torch.randn(3, 4, 13), omega=1.0),
+                               (rte @ rm_head.weight.float().T + rm_head.bias.float()).squeeze(-1))
+    no_bias = R2MHead.from_score_head(nn.Linear(11, 1, bias=False), policy_dim=13, attn_dim=8)
+    assert torch.equal(no_bias.score.bias, torch.zeros(1))
+    with pytest.raises(ValueError, match="out_features"):
+        R2MHead.from_score_head(nn.Linear(11, 2), policy_dim=13)
+    with pytest.raises(TypeError, match="linear"):
+        R2MHead.from_score_head(torch.randn(1, 11), policy_dim=13)
+
+
+def test_only_the_head_parameters_exist_and_train():
+    head = R2MHead(16, 24, 8, 2, backend="torch")
+    names = sorted(n for n, _ in head.named_parameters())
+    assert names == ["k_proj.weight", "o_proj.weight", "q_proj.weight", "score.bias", "score.weight", "v_proj.weight"]
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    rte, hidden = torch.randn(8, 16), torch.randn(8, 5, 24)
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    loss = r2m_kernels.grebt_loss(head(rte, hidden, omega=0.5), 4)
+    loss.backward()
+    opt.step()
+    # GREBT only sees differences and standardised rewards: the shared bias gets no gradient.
+    assert head.score.bias.grad.abs().item() < 1e-6
+    assert all(not torch.equal(before[n], p) for n, p in head.named_parameters() if n != "score.bias")
