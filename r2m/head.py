@@ -26,8 +26,9 @@ class R2MHead(nn.Module):
     Backends: "eager" is the formula as written (K and V materialised, the baseline every
     benchmark compares against); "torch", "triton", "cuda" fold the query into W_k
     (q~ = q W_k^T per head) so the only pass over the hidden states is
-    r2m_kernels.attention_pool; "auto" picks the fastest attention_pool backend for the
-    tensors' device.
+    r2m_kernels.attention_pool, and take the attended vector to the reward with
+    r2m_kernels.score_mix without forming H_fin; "auto" picks the fastest backend of each op
+    for the tensors' device.
 
     Parameters stay fp32 unless the module is cast. `rte` and `hidden` may be 16-bit; the
     rewards are fp32.
@@ -156,7 +157,24 @@ class R2MHead(nn.Module):
 
     def forward(self, rte, hidden, *, mask=None, cu_seqlens=None, step=None, omega=None) -> torch.Tensor:
         """Rewards (B,): fp32 (fp64 for a head cast to fp64). At omega = 1 (step 0) this
-        equals score(rte) exactly, the original reward model's reward."""
-        h_fin = self.embed(rte, hidden, mask=mask, cu_seqlens=cu_seqlens, step=step, omega=omega)
-        rewards = self.score(h_fin).squeeze(-1)
-        return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        equals score(rte) exactly, the original reward model's reward.
+
+        "eager" scores H_fin as the paper writes it. The other backends never form H_fin:
+        r2m_kernels.score_mix takes the attended vector c straight to the reward,
+        phi((1 - omega) c W_o^T + omega rte) = (1 - omega) c . (W_o^T w) + omega rte . w + b."""
+        omega_t = self.resolve_omega(step, omega)
+        if self.backend == "eager":
+            rewards = self.score(self.embed(rte, hidden, mask=mask, cu_seqlens=cu_seqlens, omega=omega_t))
+            rewards = rewards.squeeze(-1)
+            return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        self._check(rte, hidden, mask, cu_seqlens)
+        rte = rte.to(self.q_proj.weight.dtype)
+        q = self.q_proj(rte).view(rte.shape[0], self.num_heads, self.head_dim)
+        attended = self._attend_folded(q, hidden, mask, cu_seqlens).reshape(rte.shape[0], self.attn_dim)
+        # At omega = 1 the torch op is F.linear(rte, 1 * w, b) + 0, bitwise nn.Linear's
+        # score(rte); a fused kernel's dot product rounds differently, so omega = 1 (step 0)
+        # always takes the torch op, whatever the backend.
+        mix_backend = "torch" if omega_t == 1.0 else self.backend
+        _, mix = dispatch.resolve("score_mix", mix_backend, rte.device)
+        return mix(attended.to(self.o_proj.weight.dtype), rte, self.o_proj.weight, self.score.weight,
+                   self.score.bias, omega_t)

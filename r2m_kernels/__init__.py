@@ -5,11 +5,11 @@ Knows nothing of transformers; `r2m` builds the model and training layer on top 
 
 from . import dispatch, reference
 from .dispatch import BackendUnavailableError, available_backends
-from .interface import attention_pool, grebt_loss
+from .interface import attention_pool, grebt_loss, score_mix
 from .validation import finite_checks
 
 __version__ = "0.1.0"
-__all__ = ["attention_pool", "grebt_loss", "available_backends", "finite_checks",
+__all__ = ["attention_pool", "grebt_loss", "score_mix", "available_backends", "finite_checks",
            "BackendUnavailableError", "__version__"]
 
 
@@ -19,6 +19,7 @@ def _runs_anywhere(device):
 
 dispatch.register("attention_pool", "torch", reference.attention_pool_torch, _runs_anywhere)
 dispatch.register("grebt_loss", "torch", reference.grebt_loss_torch, _runs_anywhere)
+dispatch.register("score_mix", "torch", reference.score_mix_torch, _runs_anywhere)
 
 try:
     from . import triton as _triton_backend

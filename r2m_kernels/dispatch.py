@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-OPS = ("attention_pool", "grebt_loss")
+OPS = ("attention_pool", "grebt_loss", "score_mix")
 
 # Preference of "auto" per device type. The plain-PyTorch reference is the CPU default: the
 # Triton interpreter is for testing, not speed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .validation import validate_attention_pool, validate_grebt
+from .validation import validate_attention_pool, validate_grebt, validate_score_mix
 
 
 def attention_pool(hidden: torch.Tensor, q: torch.Tensor, scale: float, *, mask=None,
@@ -15,7 +15,7 @@ def attention_pool(hidden: torch.Tensor, q: torch.Tensor, scale: float, *, mask=
         pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]   over valid t
 
     Args:
-        hidden: (B, S, D_p) padded, or (N, D_p) packed; fp16, bf16, fp32 (fp64: torch only).
+        hidden: (B, S, D_p) padded, or (N, D_p) packed; fp16, bf16, fp32 (fp64 for references).
         q: (B, n_h, D_p); may be fp32 when hidden is 16-bit.
         scale: softmax temperature, usually 1/sqrt(d_h).
         mask: (B, S) bool or integer, nonzero = valid (transformers' attention_mask); padded only.
@@ -51,3 +51,26 @@ def grebt_loss(rewards: torch.Tensor, group_size: int | None = None, *, cu_group
     _, fn = dispatch.resolve("grebt_loss", backend, rewards.device)
     return fn(rewards, group_size=group_size, cu_groups=cu_groups, alpha=alpha, eps=eps,
               reduction=reduction)
+
+
+def score_mix(attended: torch.Tensor, rte: torch.Tensor, out_weight: torch.Tensor,
+              score_weight: torch.Tensor, score_bias=None, *, omega: float,
+              backend: str = "auto") -> torch.Tensor:
+    """R2M's reward from the attended vector (DESIGN §1.2), without materialising H_fin:
+
+        reward = phi((1 - omega) * attended W_o^T + omega * rte),   phi(x) = x . w + b
+               = (1 - omega) * attended . (W_o^T w) + omega * rte . w + b
+
+    Args:
+        attended: (B, d), the heads' outputs concatenated (before W_o).
+        rte: (B, D_rm), the reward-token embedding; may be 16-bit.
+        out_weight: W_o as nn.Linear(d, D_rm).weight, (D_rm, d).
+        score_weight, score_bias: phi as nn.Linear(D_rm, 1): (1, D_rm) and (1,) or None.
+        omega: the time-step weight, in [0, 1].
+        backend: "auto", "torch" or "triton".
+    Returns:
+        rewards (B,), fp32 (fp64 for an fp64 score head); differentiable in every tensor.
+    """
+    omega = validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega)
+    _, fn = dispatch.resolve("score_mix", backend, attended.device)
+    return fn(attended, rte, out_weight, score_weight, score_bias, omega)

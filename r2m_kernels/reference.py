@@ -90,3 +90,20 @@ def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def score_mix_torch(attended, rte, out_weight, score_weight, score_bias, omega):
+    """reward = phi((1 - omega) attended W_o^T + omega rte), phi(x) = x . w + b, without the
+    (B, D_rm) mix: phi((1 - omega) c W_o^T) = (1 - omega) c . (W_o^T w) (associativity).
+
+    attended c (B, d); rte (B, D_rm); out_weight W_o (D_rm, d); score_weight w (1, D_rm);
+    score_bias b (1,) or None; omega in [0, 1]. Math in fp32 (fp64 for an fp64 score head).
+    Returns (B,). The rte term is F.linear(rte, omega w, b), so at omega = 1 the reward is
+    bitwise nn.Linear(w, b)(rte) (the mixed term is then 0 * finite = 0).
+    """
+    acc = torch.promote_types(score_weight.dtype, torch.float32)
+    weight = score_weight.to(acc)
+    bias = None if score_bias is None else score_bias.to(acc)
+    u = weight @ out_weight.to(acc)  # (1, d) = (W_o^T w)^T
+    rte_term = F.linear(rte.to(acc), omega * weight, bias)
+    return (rte_term + (1.0 - omega) * (attended.to(acc) @ u.T)).squeeze(-1)

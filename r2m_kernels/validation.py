@@ -169,3 +169,31 @@ def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_finite("rewards", rewards)
     return alpha, eps, groups
+
+
+def validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega) -> float:
+    """Check the inputs of score_mix: attended (B, d), rte (B, D_rm), out_weight (D_rm, d),
+    score_weight (1, D_rm), score_bias (1,) or None, all on one device; omega in [0, 1].
+    Returns omega as a float."""
+    check_tensor("attended", attended, ranks=(2,))
+    device = attended.device
+    check_tensor("rte", rte, ranks=(2,), device=device)
+    check_tensor("out_weight", out_weight, ranks=(2,), device=device)
+    check_tensor("score_weight", score_weight, ranks=(2,), device=device)
+    batch, attn_dim = attended.shape
+    rm_dim = rte.shape[1]
+    if rte.shape[0] != batch:
+        raise ValueError(f"rte must have shape (B, D_rm) with B = {batch} (attended's), got {_shape(rte)}")
+    if tuple(out_weight.shape) != (rm_dim, attn_dim):
+        raise ValueError(f"out_weight must have shape (D_rm, d) = ({rm_dim}, {attn_dim}), "
+                         f"got {_shape(out_weight)}")
+    if tuple(score_weight.shape) != (1, rm_dim):
+        raise ValueError(f"score_weight must have shape (1, D_rm) = (1, {rm_dim}), "
+                         f"got {_shape(score_weight)}")
+    if score_bias is not None:
+        check_tensor("score_bias", score_bias, ranks=(1,), device=device)
+        if score_bias.shape[0] != 1:
+            raise ValueError(f"score_bias must have shape (1,), got {_shape(score_bias)}")
+    check_finite("attended", attended)
+    check_finite("rte", rte)
+    return check_scalar("omega", omega, low=0.0, high=1.0)

@@ -19,3 +19,8 @@ def why_not(device) -> str | None:
         return None
     return (f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import to run "
             f"them in the interpreter on the CPU); got tensors on {device}")
+
+
+from . import grebt  # noqa: E402,F401  (registers grebt_loss)
+from . import score_mix  # noqa: E402,F401  (registers score_mix)
+from . import attention_pool  # noqa: F401,E402  (registers the op with dispatch)

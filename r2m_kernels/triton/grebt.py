@@ -1,0 +1,223 @@
+"""GREBT loss (DESIGN §1.3) as one Triton kernel that also writes the gradient.
+
+Each program takes a tile of BLOCK_G groups x BLOCK_K rewards (one group per row, the group's
+rewards along the row), finds each group's (max, min) pair, the Bradley-Terry term, the entropy
+of the softmax of the standardised rewards, their mix, and d loss / d r for every reward in the
+same pass. The backward pass is only grad_output times that saved gradient, so forward plus
+backward is one Triton launch, one reduction over the per-group losses ("mean"/"sum", no
+atomics, deterministic) and one elementwise scale.
+
+Gradient, per group of K rewards (c = r - mean, s = population std, d = s + eps, z = c / d,
+p = softmax(z), H = -sum p log p, w / l = first index of the max / min):
+
+    BT:   dL/dr_w = -sigma(r_l - r_w),  dL/dr_l = +sigma(r_l - r_w)    (cancel when w = l)
+    GRE:  g_j = dH/dz_j = -p_j (log p_j + H),   c_hat = c / s   (0 when s = 0: the
+          reference gives the std no gradient there), m = mean_j g_j c_hat_j
+          dH/dr = [g - mean(g) - c_hat m] / d  +  (eps / d^2) c_hat m
+
+The second line is the chain rule through mean and std (ds/dr_k = c_hat_k / K) regrouped: the
+bracket is g projected off 1 and c_hat, and the eps term, the true gradient when K = 2, is
+added on its own instead of as the difference of two O(g / d) terms.
+
+fp16/bf16/fp32 rewards: math in fp32; fp64 rewards: math in fp64 (so gradcheck can test the
+kernel itself).
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import dispatch
+from . import INTERPRET, why_not
+
+# Largest group the single-tile kernel takes: a group lives in one program's registers.
+MAX_GROUP_SIZE = 16384
+# Rewards per program when groups are small: enough groups per tile to amortise the program.
+_TILE_ELEMENTS = 1024
+_FP32_MAX = 3.4028234663852886e38
+
+
+def split_scalar(x: float):
+    """x as two fp32-exact floats (hi, lo) with hi + lo = x to ~48 bits: Triton passes Python
+    floats to kernels as fp32, which would round the fp64 math's constants."""
+    # Beyond fp32's range (only an absurd eps gets there) the largest float stands in for inf,
+    # which would turn eps / (std + eps) into NaN.
+    x = max(-_FP32_MAX, min(_FP32_MAX, x))
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+@triton.jit
+def join_scalar(hi, lo, ACC: tl.constexpr):
+    """The inverse of split_scalar, in the math's dtype (fp32: just hi)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) accurate for tiny x (Goldberg's trick; Triton has no portable log1p)."""
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _grebt_fwd_kernel(
+    rewards_ptr, cu_groups_ptr, loss_ptr, grad_ptr,
+    num_groups, group_size, alpha_hi, alpha_lo, eps_hi, eps_lo, loss_scale_hi, loss_scale_lo,
+    RAGGED: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    alpha = join_scalar(alpha_hi, alpha_lo, ACC)
+    eps = join_scalar(eps_hi, eps_lo, ACC)
+    loss_scale = join_scalar(loss_scale_hi, loss_scale_lo, ACC)
+    pid = tl.program_id(0)
+    group = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_ok = group < num_groups
+    if RAGGED:
+        start = tl.load(cu_groups_ptr + group, mask=group_ok, other=0)
+        size = tl.load(cu_groups_ptr + group + 1, mask=group_ok, other=1) - start
+    else:
+        start = group * group_size
+        size = tl.zeros([BLOCK_G], dtype=tl.int32) + group_size
+    col = tl.arange(0, BLOCK_K)
+    valid = group_ok[:, None] & (col[None, :] < size[:, None])
+    offs = start[:, None].to(tl.int64) + col[None, :]
+    r = tl.load(rewards_ptr + offs, mask=valid, other=0.0).to(ACC)
+    count = tl.maximum(size, 1).to(ACC)
+
+    # The pair: first index of the max and of the min (tl.argmax/argmin break ties to the left).
+    r_hi = tl.where(valid, r, float("-inf"))
+    r_lo = tl.where(valid, r, float("inf"))
+    w = tl.argmax(r_hi, axis=1)
+    l = tl.argmin(r_lo, axis=1)
+    gap = tl.min(r_lo, axis=1) - tl.max(r_hi, axis=1)  # r_l - r_w <= 0 (0 on padding rows)
+    gap = tl.where(group_ok, gap, 0.0)
+    e_gap = tl.exp(gap)  # in (0, 1]: no overflow
+    bt = _log1p(e_gap)  # -log sigmoid(r_w - r_l) = softplus(r_l - r_w)
+    sig = e_gap / (1.0 + e_gap)  # sigmoid(r_l - r_w)
+
+    # Standardise with the population std; a group of equal rewards has std = 0.
+    mean = tl.sum(r, axis=1) / count
+    c = tl.where(valid, r - mean[:, None], 0.0)
+    var = tl.sum(c * c, axis=1) / count
+    positive = var > 0.0
+    std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
+    d = std + eps
+    z = c / d[:, None]
+
+    # Entropy of softmax(z): t = z - max z <= 0, S0 = sum e^t, H = log S0 - sum p t.
+    z_max = tl.max(tl.where(valid, z, float("-inf")), axis=1)
+    z_max = tl.where(group_ok, z_max, 0.0)
+    t = tl.where(valid, z - z_max[:, None], 0.0)
+    e = tl.where(valid, tl.exp(t), 0.0)
+    s0 = tl.where(group_ok, tl.sum(e, axis=1), 1.0)  # >= 1 on real groups (the max has t = 0)
+    log_s0 = tl.log(s0)
+    p = e / s0[:, None]
+    gre = log_s0 - tl.sum(p * t, axis=1)
+
+    loss = (1.0 - alpha) * bt + alpha * gre
+    tl.store(loss_ptr + group, (loss * loss_scale).to(loss_ptr.dtype.element_ty), mask=group_ok)
+
+    if WRITE_GRAD:
+        g = tl.where(valid, -p * (t - log_s0[:, None] + gre[:, None]), 0.0)
+        # dz/dr = (I - 11^T/K - c_hat c_hat^T/K) / d + c_hat (eps / d^2) c_hat^T / K (docstring).
+        c_hat = c / tl.where(positive, std, 1.0)[:, None]
+        g_mean = tl.sum(g, axis=1) / count
+        gc_mean = tl.sum(g * c_hat, axis=1) / count
+        projected = g - g_mean[:, None] - c_hat * gc_mean[:, None]
+        grad_gre = (projected + c_hat * (eps / d * gc_mean)[:, None]) / d[:, None]
+        pair = (col[None, :] == l[:, None]).to(ACC) - (col[None, :] == w[:, None]).to(ACC)
+        grad = alpha * grad_gre + ((1.0 - alpha) * sig)[:, None] * pair
+        tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+# A torch.library custom op (with autograd), like the attention pool, so that torch.compile
+# keeps the kernel as one opaque node.
+@torch.library.custom_op("r2m::grebt_loss_triton", mutates_args=())
+def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: torch.Tensor | None,
+                   alpha: float, eps: float, reduction: str,
+                   write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss: scalar, or (G,) for "none"; d loss / d rewards (B,), empty unless write_grad),
+    both in the math's dtype."""
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards = rewards.contiguous()
+    n = rewards.shape[0]
+    if cu_groups is None:
+        num_groups, k_max = n // group_size, group_size
+    else:
+        num_groups = cu_groups.numel() - 1
+        # The tile width needs the largest group: one host sync (validation already took one).
+        k_max = int((cu_groups[1:] - cu_groups[:-1]).max())
+    if k_max > MAX_GROUP_SIZE:
+        raise ValueError(f"grebt_loss backend='triton' takes groups of up to {MAX_GROUP_SIZE} "
+                         f"rewards, got a group of {k_max}; use backend='torch'")
+    block_k = triton.next_power_of_2(k_max)
+    block_g = max(1, min(_TILE_ELEMENTS // block_k, triton.next_power_of_2(num_groups)))
+    if INTERPRET:
+        block_g = min(block_g, 16)  # the interpreter is faster on small tiles
+    loss_scale = 1.0 / num_groups if reduction == "mean" else 1.0
+    per_group = torch.empty(num_groups, dtype=acc, device=rewards.device)
+    grad = torch.empty(n if write_grad else 0, dtype=acc, device=rewards.device)
+    grid = (triton.cdiv(num_groups, block_g),)
+    _grebt_fwd_kernel[grid](
+        rewards, cu_groups if cu_groups is not None else per_group, per_group, grad,
+        num_groups, k_max if cu_groups is None else 0,
+        *split_scalar(alpha), *split_scalar(eps), *split_scalar(loss_scale),
+        RAGGED=cu_groups is not None, WRITE_GRAD=write_grad,
+        BLOCK_G=block_g, BLOCK_K=block_k, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=max(1, min(16, block_g * block_k // 256)),
+    )
+    return (per_group if reduction == "none" else per_group.sum()), grad
+
+
+@_grebt_forward.register_fake
+def _(rewards, group_size, cu_groups, alpha, eps, reduction, write_grad):
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    if reduction != "none":
+        loss_shape = ()
+    elif cu_groups is None:
+        loss_shape = (rewards.shape[0] // group_size,)
+    else:
+        loss_shape = (cu_groups.shape[0] - 1,)
+    return (rewards.new_empty(loss_shape, dtype=acc),
+            rewards.new_empty(rewards.shape[0] if write_grad else 0, dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    rewards, group_size, cu_groups, _, _, reduction, _ = inputs
+    ctx.save_for_backward(output[1], cu_groups)
+    ctx.group_size, ctx.reduction, ctx.rewards_dtype = group_size, reduction, rewards.dtype
+
+
+def _backward(ctx, grad_output, grad_of_grad):
+    # The forward kernel saved d loss / d rewards; backward only scales it by grad_output.
+    grad, cu_groups = ctx.saved_tensors
+    if ctx.reduction != "none":
+        grad_rewards = grad * grad_output
+    elif cu_groups is None:
+        grad_rewards = (grad.view(-1, ctx.group_size) * grad_output[:, None]).view(-1)
+    else:
+        sizes = cu_groups[1:] - cu_groups[:-1]
+        grad_rewards = grad * grad_output.repeat_interleave(sizes, output_size=grad.numel())
+    return grad_rewards.to(ctx.rewards_dtype), None, None, None, None, None, None
+
+
+_grebt_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean"):
+    """GREBT loss (DESIGN §1.3); same semantics as reference.grebt_loss_torch.
+
+    rewards (B,) fp16/bf16/fp32 (math in fp32) or fp64 (math in fp64); uniform groups of
+    `group_size` or ragged groups given by cu_groups (G+1,) int32. Returns a scalar for
+    "mean"/"sum", (G,) for "none"; fp32 (fp64 for fp64 rewards). Groups of up to
+    MAX_GROUP_SIZE rewards.
+    """
+    write_grad = rewards.requires_grad and torch.is_grad_enabled()
+    return _grebt_forward(rewards, group_size, cu_groups, float(alpha), float(eps), reduction, write_grad)[0]
+
+
+dispatch.register("grebt_loss", "triton", grebt_loss_triton, why_not)

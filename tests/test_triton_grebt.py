@@ -1,0 +1,200 @@
+"""The triton backend of grebt_loss against the float64 torch reference (itself checked against
+the float64 loop and finite differences in test_grebt.py), finite differences of the kernel's
+own fp64 gradient, and the degenerate groups. On the CPU the kernel runs in Triton's
+interpreter."""
+
+import pytest
+import torch
+
+from r2m import GREBTLoss
+from r2m_kernels import dispatch, grebt_loss
+from r2m_kernels.triton import grebt as triton_grebt
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def random_groups(sizes, scale=2.0):
+    """Rewards for ragged groups of `sizes` and their (G+1,) int32 offsets."""
+    cu = torch.zeros(len(sizes) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(sizes), 0)
+    return torch.randn(int(cu[-1]), dtype=torch.float64) * scale, cu
+
+
+def check_against_reference(rewards64, *, rtol=1e-5, dtype=torch.float32, **kwargs):
+    """Triton on rewards64 cast to `dtype` vs the torch reference in float64 on the same
+    (rounded) values: losses and gradients for every reduction, with a random grad_output.
+
+    DESIGN §5: the error against float64 may be at most 2x the torch reference's own error in
+    the same dtype, plus rtol times the largest reference value, plus 1e-7 of the gradient's
+    natural scale (grad_output per group): fp32 rounding of O(1) per-group terms. That floor
+    matters only where the true gradient is far below its terms, e.g. the entropy gradient of
+    K = 2, which is a pure eps / std effect."""
+    rounded = rewards64.to(dtype)
+    groups = (len(kwargs["cu_groups"]) - 1 if "cu_groups" in kwargs
+              else rewards64.numel() // kwargs["group_size"])
+    for reduction in REDUCTIONS:
+        results = {}
+        for name, backend, device, acc in (("fast", "triton", DEVICE, dtype),
+                                           ("eager", "torch", "cpu", dtype),
+                                           ("ref", "torch", "cpu", torch.float64)):
+            x = rounded.to(device, acc).requires_grad_(True)
+            loss = grebt_loss(x, reduction=reduction, backend=backend, **_on(kwargs, device))
+            if "grad_out" not in results:
+                results["grad_out"] = torch.randn(loss.shape, dtype=torch.float64)
+            grad, = torch.autograd.grad(loss, x, results["grad_out"].to(device, loss.dtype))
+            results[name] = (loss, grad)
+        (loss, grad), (ref_loss, ref_grad) = results["fast"], results["ref"]
+        assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+        assert grad.dtype == dtype and torch.isfinite(grad).all() and torch.isfinite(loss).all()
+        for i, what in enumerate(("loss", "gradient")):
+            ref = results["ref"][i]
+            err = (results["fast"][i].cpu().double() - ref).abs().max()
+            eager_err = (results["eager"][i].double() - ref).abs().max()
+            natural = float(results["grad_out"].abs().max()) / (groups if reduction == "mean" else 1)
+            bound = 2 * eager_err + rtol * ref.abs().max() + (1e-7 * natural if what == "gradient" else 0)
+            assert err <= bound, f"{reduction} {what}: error {err:.3g} > bound {bound:.3g}"
+
+
+def _on(kwargs, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 37, 130])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_uniform_groups_match_float64(k, alpha):
+    groups = 5 if k < 100 else 2
+    rewards = torch.randn(groups * k, dtype=torch.float64) * 2
+    check_against_reference(rewards, group_size=k, alpha=alpha)
+
+
+def test_many_small_groups_span_several_programs():
+    rewards = torch.randn(8 * 37, dtype=torch.float64)  # 37 groups of 8: tiles with a ragged tail
+    check_against_reference(rewards, group_size=8, alpha=0.3, eps=1e-4)
+
+
+def test_ragged_groups_match_float64():
+    rewards, cu = random_groups([3, 1, 5, 2, 8, 1, 13, 4, 6])
+    check_against_reference(rewards, cu_groups=cu, alpha=0.3)
+
+
+def test_largest_issue_group_size_1024():
+    rewards, cu = random_groups([1024, 7, 300])
+    check_against_reference(rewards, cu_groups=cu, alpha=0.5)
+
+
+def test_fp64_rewards_pass_gradcheck_through_the_kernel():
+    # fp64 rewards run the kernel's math in fp64, so finite differences check the hand-derived
+    # gradient itself (fp32 is checked against the reference above).
+    rewards, cu = random_groups([4, 1, 3, 2])
+    rewards = rewards.to(DEVICE).requires_grad_(True)
+    cu = cu.to(DEVICE)
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda r: grebt_loss(r, cu_groups=cu, reduction=reduction, backend="triton"), (rewards,),
+            atol=1e-9, rtol=1e-6)
+    for reduction in REDUCTIONS:  # and it agrees with the fp64 reference to rounding
+        got = grebt_loss(rewards, cu_groups=cu, reduction=reduction, backend="triton")
+        want = grebt_loss(rewards.cpu(), cu_groups=cu.cpu(), reduction=reduction, backend="torch")
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-14)
+        grad_out = torch.randn(want.shape, dtype=torch.float64)
+        got_grad, = torch.autograd.grad(got, rewards, grad_out.to(DEVICE))
+        want_grad, = torch.autograd.grad(want, rewards, grad_out)
+        torch.testing.assert_close(got_grad.cpu(), want_grad.cpu(), rtol=1e-9, atol=1e-14)
+    uniform = rewards[:8].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda r: grebt_loss(r, 4, alpha=0.7, backend="triton"), (uniform,),
+                                   atol=1e-9, rtol=1e-6)
+
+
+def test_ties_pick_the_first_max_and_min():
+    rewards = torch.tensor([0.0, 2.0, -1.0, 2.0, -1.0], device=DEVICE, requires_grad=True)
+    grad, = torch.autograd.grad(grebt_loss(rewards, 5, alpha=0.0, backend="triton"), rewards)
+    s = torch.sigmoid(torch.tensor(-3.0))
+    torch.testing.assert_close(grad.cpu(), torch.tensor([0.0, -s, s, 0.0, 0.0]))
+    check_against_reference(torch.tensor([1.0, 3.0, 3.0, -2.0, 1.0, -2.0], dtype=torch.float64),
+                            group_size=6, alpha=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_degenerate_groups_give_finite_zero_gradients(dtype):
+    # K = 1 and all-equal groups: w = l (zero BT gradient), uniform or one-hot p (zero GRE
+    # gradient), std = 0 with a zero std gradient.
+    rewards = torch.tensor([1.5, -2.0, 3.0, 3.0, 3.0, 3.0], dtype=dtype, device=DEVICE, requires_grad=True)
+    cu = torch.tensor([0, 1, 2, 6], dtype=torch.int32, device=DEVICE)
+    got = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none", backend="triton")
+    want = grebt_loss(rewards.detach().double(), cu_groups=cu.cpu(), alpha=0.3, reduction="none",
+                      backend="torch")
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-6, atol=1e-7)
+    grad, = torch.autograd.grad(got.sum(), rewards)
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+    single, = torch.autograd.grad(grebt_loss(rewards, 1, backend="triton"), rewards)
+    assert (single == 0).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_large_rewards_stay_finite_and_accurate(magnitude):
+    rewards = torch.randn(48, dtype=torch.float64) * magnitude
+    rewards[:8] = magnitude  # an all-equal group at the magnitude
+    rewards[8:16] = magnitude + torch.arange(8, dtype=torch.float64)  # nearly equal
+    check_against_reference(rewards, group_size=8, alpha=0.3)
+
+
+def test_bt_only_keeps_relative_accuracy_on_a_wide_gap():
+    # softplus(r_l - r_w) ~ exp(-30): log(1 + x) must not round it to 0.
+    rewards = torch.tensor([0.0, 30.0, 10.0, 20.0], dtype=torch.float64)
+    check_against_reference(rewards, group_size=4, alpha=0.0)
+
+
+def test_eps_beyond_fp32_range_stays_finite():
+    check_against_reference(torch.randn(12, dtype=torch.float64), group_size=4, eps=1e39)
+
+
+def test_16bit_rewards():
+    check_against_reference(torch.randn(48, dtype=torch.float64), group_size=4, dtype=torch.float16)
+
+
+def test_strided_rewards_with_and_without_grad():
+    base = torch.randn(48, dtype=torch.float64)
+    strided = base.float().to(DEVICE)[::2].requires_grad_(True)  # 24 rewards, stride 2
+    reference = base[::2].float().double().requires_grad_(True)
+    grad_out = torch.randn(4, dtype=torch.float64)
+    got = grebt_loss(strided, 6, reduction="none", backend="triton")
+    want = grebt_loss(reference, 6, reduction="none", backend="torch")
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    got_grad, = torch.autograd.grad(got, strided, grad_out.to(DEVICE, torch.float32))
+    want_grad, = torch.autograd.grad(want, reference, grad_out)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-7)
+    without = grebt_loss(strided.detach(), 6, reduction="none", backend="triton")
+    assert without.grad_fn is None
+    torch.testing.assert_close(without, got.detach())
+
+
+def test_module_uses_the_triton_backend():
+    rewards = torch.randn(24, device=DEVICE)
+    module = GREBTLoss(alpha=0.4, eps=1e-5, backend="triton")
+    torch.testing.assert_close(module(rewards, 8).cpu(),
+                               grebt_loss(rewards.cpu(), 8, alpha=0.4, eps=1e-5, backend="torch"))
+
+
+def test_a_group_beyond_the_tile_limit_is_a_clear_error():
+    rewards = torch.zeros(triton_grebt.MAX_GROUP_SIZE + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="groups of up to"):
+        grebt_loss(rewards, rewards.numel(), backend="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_a_compiled_backend_and_matches_at_scale():
+    name, _ = dispatch.resolve("grebt_loss", "auto", torch.device("cuda"))
+    assert name in ("cuda", "triton")
+    rewards = torch.randn(16384 * 8, dtype=torch.float64)
+    check_against_reference(rewards, group_size=8, alpha=0.3)
+    check_against_reference(rewards[: 64 * 8], group_size=8, alpha=0.3, dtype=torch.bfloat16)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    # Buffers come from torch.empty: poison them so an element the kernel skips shows as NaN.
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    rewards, cu = random_groups([3, 1, 9, 2, 17])
+    check_against_reference(rewards, cu_groups=cu, alpha=0.3)
+    check_against_reference(rewards[:30], group_size=3, alpha=0.3)
