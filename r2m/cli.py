@@ -9,6 +9,7 @@ import sys
 
 COMMANDS: dict[str, str] = {
     # name: module
+    "bench": "r2m.bench",
 }
 
 
