@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r2m_kernels import dispatch
-from r2m_kernels.reference import packed_to_padded
-from r2m_kernels.validation import check_int, check_scalar, check_tensor, validate_sequences
+from r2m_kernels.reference import padded_sequences
+from r2m_kernels.validation import check_finite, check_int, check_scalar, check_tensor, validate_sequences
 
 from .schedule import omega as omega_schedule
 
@@ -105,6 +105,7 @@ class R2MHead(nn.Module):
         check_tensor("rte", rte, ranks=(2,), device=hidden.device)
         if rte.shape != (batch, self.rm_dim):
             raise ValueError(f"rte must have shape (B, rm_dim) = ({batch}, {self.rm_dim}), got {tuple(rte.shape)}")
+        check_finite("rte", rte)
         if hidden.shape[-1] != self.policy_dim:
             raise ValueError(f"hidden's last dimension must be policy_dim = {self.policy_dim}, "
                              f"got {hidden.shape[-1]}")
@@ -114,8 +115,7 @@ class R2MHead(nn.Module):
 
     def _attend_eager(self, q, hidden, mask, cu_seqlens):
         """The paper's formula: K and V materialised, (B, S, d) each, in hidden's dtype."""
-        if cu_seqlens is not None:
-            hidden, mask = packed_to_padded(hidden, cu_seqlens)
+        hidden, mask = padded_sequences(hidden, mask, cu_seqlens)
         b, s, _ = hidden.shape
         n_h, d_h = self.num_heads, self.head_dim
         k = F.linear(hidden, self.k_proj.weight.to(hidden.dtype)).view(b, s, n_h, d_h)
@@ -123,7 +123,7 @@ class R2MHead(nn.Module):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         scores = torch.einsum("bjd,bsjd->bjs", q.to(hidden.dtype), k).to(acc) / math.sqrt(d_h)
         if mask is not None:
-            scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         return torch.einsum("bjs,bsjd->bjd", weights.to(hidden.dtype), v)
 

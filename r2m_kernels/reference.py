@@ -10,30 +10,37 @@ import torch
 import torch.nn.functional as F
 
 
-def packed_to_padded(hidden: torch.Tensor, cu_seqlens: torch.Tensor):
-    """(N, D) packed rows with (B+1,) offsets -> ((B, S_max, D) zero-padded, (B, S_max) bool mask)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    batch, s_max = lengths.numel(), int(lengths.max())
-    pos = torch.arange(s_max, device=hidden.device)
-    mask = pos[None, :] < lengths[:, None]
-    index = (cu_seqlens[:-1].long()[:, None] + pos[None, :]).clamp_max(hidden.shape[0] - 1)
-    padded = hidden[index] * mask[..., None].to(hidden.dtype)
-    return padded, mask
+def padded_sequences(hidden: torch.Tensor, mask=None, cu_seqlens=None):
+    """(hidden (B, S, D) with every invalid position zeroed, bool mask (B, S) or None).
+
+    Packed (N, D) + (B+1,) cu_seqlens is spread into a zero-padded (B, S_max, D). Invalid
+    positions are zeroed, not just given zero weight: 0 * NaN = NaN, and pad positions of
+    real models' hidden states can hold NaN or Inf; they must not reach the result."""
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        pos = torch.arange(int(lengths.max()), device=hidden.device)
+        mask = pos[None, :] < lengths[:, None]
+        # Rows past a sequence's end index its neighbour's rows (clamped at N - 1): zeroed below.
+        hidden = hidden[(cu_seqlens[:-1].long()[:, None] + pos[None, :]).clamp_max(hidden.shape[0] - 1)]
+    if mask is None:
+        return hidden, None
+    mask = mask.bool()
+    return hidden.masked_fill(~mask[..., None], 0), mask
 
 
 def attention_pool_torch(hidden, q, scale, mask=None, cu_seqlens=None):
     """pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t] over valid t.
 
     hidden (B, S, D_p) [+ mask (B, S)] or (N, D_p) + cu_seqlens (B+1,); q (B, n_h, D_p).
-    Scores, softmax and weights in fp32 (fp64 for fp64 input); the two products run in
-    hidden's dtype with the matmul's own accumulation. Returns (B, n_h, D_p) in hidden.dtype.
+    The two products run as matmuls in hidden's dtype (fp32 accumulation inside; for 16-bit
+    hidden, q and the scores are rounded to that dtype, as in the eager formula); the
+    softmax is fp32 (fp64 for fp64 input). Returns (B, n_h, D_p) in hidden.dtype.
     """
-    if cu_seqlens is not None:
-        hidden, mask = packed_to_padded(hidden, cu_seqlens)
+    hidden, mask = padded_sequences(hidden, mask, cu_seqlens)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(hidden.dtype), hidden.transpose(1, 2)).to(acc) * scale  # (B, n_h, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     return torch.matmul(weights.to(hidden.dtype), hidden)
 

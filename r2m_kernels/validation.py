@@ -107,8 +107,8 @@ def validate_sequences(hidden, mask, cu_seqlens) -> int:
             raise ValueError("cu_seqlens is for packed hidden (N, D_p); got padded hidden "
                              f"{_shape(hidden)} (use mask for padded input)")
         batch, seqlen = hidden.shape[0], hidden.shape[1]
-        if seqlen == 0:
-            raise ValueError(f"hidden has no positions (S = 0), shape {_shape(hidden)}")
+        if batch == 0 or seqlen == 0:
+            raise ValueError(f"hidden must have at least one sequence and one position, got shape {_shape(hidden)}")
     else:
         if cu_seqlens is None:
             raise ValueError(f"packed hidden {_shape(hidden)} (N, D_p) needs cu_seqlens (B+1,) int32")
@@ -182,6 +182,10 @@ def validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omeg
     check_tensor("score_weight", score_weight, ranks=(2,), device=device)
     batch, attn_dim = attended.shape
     rm_dim = rte.shape[1]
+    if batch == 0 or attn_dim == 0:
+        raise ValueError(f"attended must be non-empty (B, d), got {_shape(attended)}")
+    if rm_dim == 0:
+        raise ValueError(f"rte must have a non-empty D_rm, got {_shape(rte)}")
     if rte.shape[0] != batch:
         raise ValueError(f"rte must have shape (B, D_rm) with B = {batch} (attended's), got {_shape(rte)}")
     if tuple(out_weight.shape) != (rm_dim, attn_dim):

@@ -165,3 +165,31 @@ def test_only_the_head_parameters_exist_and_train():
     # GREBT only sees differences and standardised rewards: the shared bias gets no gradient.
     assert head.score.bias.grad.abs().item() < 1e-6
     assert all(not torch.equal(before[n], p) for n, p in head.named_parameters() if n != "score.bias")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FOLDED)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_at_invalid_positions_do_not_leak(backend, bad):
+    """Pad positions of real hidden states may hold NaN/Inf (fully masked attention rows):
+    masked or beyond-the-end rows must not reach any reward or gradient, padded or packed."""
+    head = make_head(heads=2, backend=backend)
+    rte = torch.randn(3, 11, dtype=torch.float64)
+    hidden = torch.randn(3, 9, 13, dtype=torch.float64)
+    mask = make_mask(3, 9, "holes")
+    mask[0, 0] = False
+    clean = head(rte, hidden, mask=mask, omega=0.3)
+    dirty = hidden.clone()
+    dirty[~mask] = bad
+    dirty.requires_grad_(True)
+    got = head(rte, dirty, mask=mask, omega=0.3)
+    torch.testing.assert_close(got, clean, rtol=1e-12, atol=1e-12)
+    grad, = torch.autograd.grad(got.sum(), dirty)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    # Packed: the last row of sequence 0 is non-finite and sequence 0 is its only owner.
+    packed, cu = pack(hidden, mask)
+    end0 = int(cu[1]) - 1
+    packed_bad = packed.clone()
+    packed_bad[end0] = bad
+    out = head(rte, packed_bad, cu_seqlens=cu, omega=0.3)
+    assert not torch.isfinite(out[0]) and torch.isfinite(out[1:]).all()  # no leak into the others
+    torch.testing.assert_close(out[1:], clean[1:], rtol=1e-12, atol=1e-12)

@@ -117,6 +117,10 @@ def test_bad_inputs_name_the_argument():
         score_mix(attended, rte, out_weight, score_weight, score_bias, omega=1.5)
     with pytest.raises(TypeError, match="attended"):
         score_mix(attended.int(), rte, out_weight, score_weight, score_bias, omega=0.5)
+    with pytest.raises(ValueError, match="attended"):  # d = 0: no chunk would add the bias
+        score_mix(attended[:, :0], rte, out_weight[:, :0], score_weight, score_bias, omega=0.5)
+    with pytest.raises(ValueError, match="attended"):
+        score_mix(attended[:0], rte[:0], out_weight, score_weight, score_bias, omega=0.5)
 
 
 def make_head(backend, rm_dim=24, policy_dim=20, attn_dim=16, heads=2):

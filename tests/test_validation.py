@@ -35,6 +35,7 @@ POOL_CASES = {
     "hidden 4-D": (pool_args(hidden=torch.randn(B, S, D, 1)), ValueError, "hidden"),
     "hidden integer": (pool_args(hidden=torch.ones(B, S, D, dtype=torch.int64)), TypeError, "hidden"),
     "hidden S = 0": (pool_args(hidden=torch.randn(B, 0, D)), ValueError, "hidden"),
+    "hidden B = 0": (pool_args(hidden=torch.randn(0, S, D), q=torch.randn(0, H, D)), ValueError, "hidden"),
     "hidden D = 0": (pool_args(hidden=torch.randn(B, S, 0), q=torch.randn(B, H, 0)), ValueError, "hidden"),
     "q 2-D": (pool_args(q=torch.randn(B, D)), ValueError, "q"),
     "q wrong B": (pool_args(q=torch.randn(B + 1, H, D)), ValueError, "q"),
@@ -70,6 +71,14 @@ def test_attention_pool_rejects(case):
     args, exc, word = POOL_CASES[case]
     with pytest.raises(exc, match=word):
         attention_pool(args.pop("hidden"), args.pop("q"), args.pop("scale"), backend="torch", **args)
+
+
+def test_non_finite_rte_rejected_by_the_head_when_checking():
+    rte = torch.randn(B, 6)
+    rte[1, 2] = float("nan")
+    for backend in ("eager", "torch"):
+        with finite_checks(), pytest.raises(ValueError, match="rte"):
+            R2MHead(6, D, 4, 2, backend=backend)(rte, torch.randn(B, S, D))
 
 
 @pytest.mark.parametrize("name, where", [("hidden", (1, 2, 3)), ("q", (0, 1, 4))])
