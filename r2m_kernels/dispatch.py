@@ -74,7 +74,9 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     """Names of the backends that can run here.
 
     With no arguments: the backends that can run every op on this machine's default device
-    (the GPU where there is one, else the CPU). `op` and `device` narrow the question.
+    (the GPU where there is one, else the CPU). `op` narrows the question to one op;
+    `device` asks about tensors of that device type (whether this machine has such a
+    device is not checked, so the GPU preference order can be inspected anywhere).
     """
     device = _default_device() if device is None else torch.device(device)
     ops = OPS if op is None else (op,)
