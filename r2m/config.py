@@ -7,12 +7,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field, fields
 
+from .head import HEAD_BACKENDS
+
 MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only")
 ADVANTAGES = ("rloo", "grpo")
-AMP_DTYPES = ("none", "bf16", "fp16")
+# No fp16: it needs loss scaling (a GradScaler) to keep small gradients from underflowing, which
+# the trainer does not do; bf16 has fp32's exponent range and needs none.
+AMP_DTYPES = ("none", "bf16")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -42,9 +48,10 @@ class R2MConfig:
     num_heads: int = field(default=1, metadata={"help": "R2M attention heads"})
     omega_floor: float = field(default=0.6, metadata={"help": "omega's floor (Omega)"})
     alpha: float = field(default=0.3, metadata={"help": "GREBT mix (bt-only forces 0, gre-only 1)"})
-    head_backend: str = field(default="auto", metadata={"help": "R2MHead backend"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    amp: str = field(default="none", metadata={"help": "autocast dtype for the policy and RM forwards: none, bf16, fp16"})
+    head_backend: str = field(default="auto", metadata={"help": "R2MHead backend: " + ", ".join(HEAD_BACKENDS)})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    amp: str = field(default="none", metadata={"help": "autocast dtype for the policy and RM forwards: none or "
+                                                      "bf16 (no fp16: it would need loss scaling)"})
     output_dir: str = field(default="runs/r2m", metadata={"help": "metrics.jsonl and checkpoint/ go here"})
     checkpoint: bool = field(default=True, metadata={"help": "write checkpoint/ at the end (and every save_every steps)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
@@ -54,24 +61,36 @@ class R2MConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name, choices in (("mode", MODES), ("advantage", ADVANTAGES), ("amp", AMP_DTYPES)):
+        """ValueError naming the first field out of range."""
+        if self.amp == "fp16":
+            raise ValueError("amp='fp16' is not supported: fp16 training needs loss scaling (a GradScaler) "
+                             "to keep gradients from underflowing, which this trainer does not do; use amp='bf16'")
+        for name, choices in (("mode", MODES), ("advantage", ADVANTAGES), ("amp", AMP_DTYPES),
+                              ("head_backend", HEAD_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "policy_epochs",
                      "attn_dim", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.advantage == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("rloo needs samples_per_prompt >= 2")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.omega_floor <= 1.0:
-            raise ValueError(f"omega_floor must be in [0, 1], got {self.omega_floor}")
         for name in ("train_last_layers", "micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        for name in ("temperature", "clip_eps", "policy_lr", "head_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "max_grad_norm", "save_every"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("alpha", "omega_floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.attn_dim % self.num_heads:
+            raise ValueError(f"attn_dim ({self.attn_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 with advantage='rloo' (the leave-one-out baseline)")
 
     @property
     def grebt_alpha(self) -> float:
@@ -128,7 +147,8 @@ class R2MConfig:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
             else:
-                choices = {"mode": MODES, "advantage": ADVANTAGES, "amp": AMP_DTYPES}.get(f.name)
+                choices = {"mode": MODES, "advantage": ADVANTAGES, "amp": AMP_DTYPES,
+                           "head_backend": HEAD_BACKENDS}.get(f.name)
                 group.add_argument(flag, dest=f.name, type=kind, choices=choices,
                                    default=argparse.SUPPRESS, help=help_text)
 

@@ -47,20 +47,25 @@ class R2MRewardModel(nn.Module):
     it is the only trainable part.
 
     The reward-token embedding (RTE) is the backbone's last hidden state at the last valid
-    token. RTEs are cached per RM input (the token ids), so each response is embedded once.
+    token. RTEs are cached per RM input (the token ids), so each response is embedded once;
+    the cache keeps the `cache_size` most recently used (default 4096; each entry is one (D_rm,)
+    vector on the RM's device, e.g. 16 KiB at D_rm = 4096 in fp32, so 64 MiB when full) and
+    evicts the least recently used. 0 disables it.
     When the RM's tokenizer differs from the policy's, responses are re-tokenized from text with
     the RM's tokenizer and chat template (prompt as the user turn, response as the assistant's).
     """
 
     def __init__(self, backbone: nn.Module, score_head: nn.Linear, policy_dim: int, *, tokenizer=None,
                  attn_dim: int = 2048, num_heads: int = 1, omega_floor: float = 0.6,
-                 total_steps: int | None = None, backend: str = "auto", cache_size: int = 100_000):
+                 total_steps: int | None = None, backend: str = "auto", cache_size: int = 4096):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         self.score_head = score_head.requires_grad_(False)
         self.head = R2MHead.from_score_head(score_head, policy_dim, attn_dim=attn_dim, num_heads=num_heads,
                                             omega_floor=omega_floor, total_steps=total_steps, backend=backend)
         self.tokenizer = tokenizer
+        if not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
         self.cache_size = cache_size
         self._rte_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -131,7 +136,8 @@ class R2MRewardModel(nn.Module):
         if first_row_of_new_key:
             rows = torch.tensor(list(first_row_of_new_key.values()), device=input_ids.device)
             fresh = self.compute_rte(input_ids[rows], attention_mask[rows])
-            self._rte_cache.update(zip(first_row_of_new_key, fresh))
+            # a clone per row: a view would keep the whole batch's tensor alive until every row is evicted
+            self._rte_cache.update((key, row.clone()) for key, row in zip(first_row_of_new_key, fresh))
         rte = torch.stack([self._rte_cache[key] for key in keys])
         for key in keys:
             self._rte_cache.move_to_end(key)

@@ -26,16 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args):
+    """R2MConfig defaults, then (demo only) the demo's defaults for the device the run will use,
+    then the YAML file, then the flags. The device is resolved from the YAML file and the flags
+    first, so `device: cuda` in the file picks the CUDA demo settings as --device cuda does."""
     from .config import R2MConfig
     from .demo.run import DEMO_CPU, DEMO_CUDA
 
+    from_yaml = R2MConfig.read_yaml(args.config) if args.config else {}
     base = R2MConfig()
-    if args.policy is None:  # the demo's own defaults, for the device asked for
-        device = getattr(args, "device", "cpu")
-        base = base.replace(**(DEMO_CUDA if device.startswith("cuda") else DEMO_CPU))
-    if args.config:
-        base = R2MConfig.from_yaml(args.config, base)
-    return R2MConfig.from_args(args, base)
+    if args.policy is None:
+        device = getattr(args, "device", from_yaml.get("device", base.device))
+        base = base.replace(**(DEMO_CUDA if str(device).startswith("cuda") else DEMO_CPU))
+    return R2MConfig.from_args(args, base.replace(**from_yaml))
 
 
 def load_prompts(path) -> list[str]:

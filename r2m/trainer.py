@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,23 @@ from .reward_model import R2MRewardModel, position_ids_from_mask
 from .schedule import omega as omega_schedule
 
 CHECKPOINT_FILES = ("policy.safetensors", "head.safetensors", "trainer_state.pt")
+
+
+def policy_token_loss(logp, old_logp, ref_logp, advantages, response_mask, clip_eps: float, kl_coef: float):
+    """The per-token policy loss (B, R), zero where response_mask is 0: kl_coef times the k3
+    estimate of KL(pi || pi_ref) minus the clipped importance-ratio surrogate,
+    min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A) with ratio = pi / pi_old.
+
+    logp (B, R) the policy's log-probs of the response tokens (the only input with a graph);
+    old_logp, ref_logp (B, R) pi_old's and the reference policy's; advantages (B,), one per
+    sequence; response_mask (B, R) 1 on response tokens. fp32 in the trainer (any float dtype works).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    log_ref_ratio = ref_logp - logp
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3: unbiased, >= 0 (Schulman's approximation)
+    return (kl_coef * kl - surrogate) * response_mask
 
 
 @dataclass
@@ -110,8 +128,8 @@ class R2MTrainer:
     def _autocast(self):
         if self.config.amp == "none":
             return contextlib.nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.config.amp]
-        return torch.autocast(self.device.type, dtype=dtype)
+        # bf16 only (config.AMP_DTYPES): fp16 would need a GradScaler
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
@@ -234,12 +252,9 @@ class R2MTrainer:
             for sl in self._micro_batches(rollout.input_ids.shape[0]):
                 logp, h = self._token_logprobs(self.policy, rollout.input_ids[sl], rollout.attention_mask[sl],
                                                r, capture=last_epoch)
-                ratio = torch.exp(logp - old_logp[sl])
-                adv = advantages[sl, None]
-                surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-                log_ref_ratio = ref_logp[sl] - logp
-                kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3 estimator, >= 0
-                loss = ((cfg.kl_coef * kl - surrogate) * response_mask[sl]).sum() / n_tokens
+                # normalised by the whole batch's token count, so micro-batches add up to the batch mean
+                loss = policy_token_loss(logp, old_logp[sl], ref_logp[sl], advantages[sl], response_mask[sl],
+                                         cfg.clip_eps, cfg.kl_coef).sum() / n_tokens
                 loss.backward()
                 total += loss.item()
                 if last_epoch:
@@ -356,7 +371,9 @@ class R2MTrainer:
 
     def save_checkpoint(self, path=None) -> Path:
         """Weights as safetensors (policy, head), optimizers + step + RNG in trainer_state.pt.
-        Written to a temporary folder and swapped in, so a crash leaves the old one whole."""
+        Written to PATH.tmp, then the current checkpoint moves to PATH.old, PATH.tmp to PATH, and
+        PATH.old is deleted: at every instant PATH or PATH.old is complete, and load_checkpoint
+        falls back to PATH.old when a crash left PATH missing."""
         from safetensors.torch import save_model
 
         path = Path(path) if path is not None else self.output_dir / "checkpoint"
@@ -371,20 +388,30 @@ class R2MTrainer:
         torch.save({"step": self.step, "mode": self.config.mode,
                     "policy_optimizer": self.policy_optimizer.state_dict(),
                     "head_optimizer": self.head_optimizer.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
-        if path.exists():
+        if _is_complete(path):
+            shutil.rmtree(old, ignore_errors=True)  # a crash's leftover: rename() cannot replace it
             path.rename(old)
+        else:  # a crash's leftover; PATH.old, if there, is the complete copy and stays until the swap
+            shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path=None) -> None:
-        """Restore everything save_checkpoint wrote; train() then continues from that step."""
+        """Restore everything save_checkpoint wrote; train() then continues from that step.
+        When PATH is missing or incomplete but PATH.old is complete (a crash during a save),
+        PATH.old is loaded, with a warning."""
         from safetensors.torch import load_model
 
         path = Path(path) if path is not None else self.output_dir / "checkpoint"
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {missing}")
+        if not _is_complete(path):
+            old = path.with_name(path.name + ".old")
+            if not _is_complete(old):
+                missing = [f for f in CHECKPOINT_FILES if not (path / f).exists()]
+                raise FileNotFoundError(f"{path} is not a complete checkpoint (missing {missing}) "
+                                        f"and neither is {old}")
+            warnings.warn(f"{path} is missing or incomplete (a save was interrupted); loading {old}", stacklevel=2)
+            path = old
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         if state["mode"] != self.config.mode:
             raise ValueError(f"checkpoint was written in mode {state['mode']!r}, this run is {self.config.mode!r}")
@@ -396,3 +423,9 @@ class R2MTrainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = state["step"]
+
+
+def _is_complete(path: Path) -> bool:
+    """True when the folder holds every file save_checkpoint writes (it writes them into
+    PATH.tmp and renames the folder last, so a folder with all of them is whole)."""
+    return all((path / f).is_file() for f in CHECKPOINT_FILES)

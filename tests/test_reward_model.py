@@ -122,3 +122,30 @@ def test_retokenizes_with_the_rm_tokenizer_when_it_differs(tok):
     same = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tok, attn_dim=8)
     reused = same.rm_inputs(["x"], ["y"], input_ids=policy_ids, attention_mask=policy_mask, policy_tokenizer=tok)
     assert reused[0] is policy_ids and reused[1] is policy_mask
+
+
+def test_cache_entries_own_their_storage(rm):
+    """Each cached RTE is its own (D_rm,) tensor: a view into the batch's RTEs would keep the
+    whole batch alive until every one of its rows is evicted."""
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [5, 6, 7]]
+    ids, mask = pad(rows, "left")
+    rte = rm.reward_token_embeddings(ids, mask)
+    assert len(rm._rte_cache) == 4
+    entries = [rm._rte_cache[tuple(row)] for row in rows[:4]]
+    for entry in entries:
+        assert entry.shape == (rm.rm_dim,)
+        assert entry.untyped_storage().nbytes() == rm.rm_dim * entry.element_size()
+        assert entry.untyped_storage().data_ptr() != rte.untyped_storage().data_ptr()
+    assert len({entry.untyped_storage().data_ptr() for entry in entries}) == len(entries)
+    torch.testing.assert_close(torch.stack(entries), rm.compute_rte(ids, mask)[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_size_default_and_check(tok):
+    backbone, score = tiny_reward_backbone(tok)
+    assert R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8).cache_size == 4096
+    with pytest.raises(ValueError, match="cache_size"):
+        R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8, cache_size=-1)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8, cache_size=0)  # 0: nothing kept
+    ids, mask = pad([[5, 6], [7]], "right")
+    torch.testing.assert_close(rm.reward_token_embeddings(ids, mask), rm.compute_rte(ids, mask))
+    assert len(rm._rte_cache) == 0
