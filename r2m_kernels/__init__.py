@@ -1,4 +1,4 @@
-"""r2m_kernels: the low-level ops of R2M (attention pooling, GREBT loss) and their backends.
+"""r2m_kernels: the low-level ops of R2M (attention pooling, GREBT loss, score mix) and their backends.
 
 Knows nothing of transformers; `r2m` builds the model and training layer on top of it.
 """

@@ -1,4 +1,5 @@
-"""The `triton` backend: Triton kernels, one module per op, each with its autograd Function.
+"""The `triton` backend: Triton kernels, one module per op, each a torch.library custom op with
+its autograd (so torch.compile keeps it as one node).
 
 On CUDA tensors the kernels compile for the GPU. On CPU tensors they run only in Triton's
 interpreter (TRITON_INTERPRET=1, set before this package is imported), which is for tests.
