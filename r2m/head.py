@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r2m_kernels import dispatch
-from r2m_kernels.reference import padded_sequences
+from r2m_kernels.reference import accumulation_dtype, padded_sequences
 from r2m_kernels.validation import check_finite, check_int, check_scalar, check_tensor, validate_sequences
 
 from .schedule import omega as omega_schedule
@@ -120,7 +120,7 @@ class R2MHead(nn.Module):
         n_h, d_h = self.num_heads, self.head_dim
         k = F.linear(hidden, self.k_proj.weight.to(hidden.dtype)).view(b, s, n_h, d_h)
         v = F.linear(hidden, self.v_proj.weight.to(hidden.dtype)).view(b, s, n_h, d_h)
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(hidden.dtype)
         scores = torch.einsum("bjd,bsjd->bjs", q.to(hidden.dtype), k).to(acc) / math.sqrt(d_h)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of softmax and accumulation math for inputs of `dtype`: fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def padded_sequences(hidden: torch.Tensor, mask=None, cu_seqlens=None):
     """(hidden (B, S, D) with every invalid position zeroed, bool mask (B, S) or None).
 
@@ -37,7 +42,7 @@ def attention_pool_torch(hidden, q, scale, mask=None, cu_seqlens=None):
     softmax is fp32 (fp64 for fp64 input). Returns (B, n_h, D_p) in hidden.dtype.
     """
     hidden, mask = padded_sequences(hidden, mask, cu_seqlens)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     scores = torch.matmul(q.to(hidden.dtype), hidden.transpose(1, 2)).to(acc) * scale  # (B, n_h, S)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
@@ -64,7 +69,7 @@ def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e
     rewards (B,); uniform groups of `group_size` or ragged groups given by cu_groups (G+1,).
     Returns a scalar for "mean"/"sum", (G,) for "none".
     """
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc)
     g, valid = _group_view(r, group_size, cu_groups, 0.0)
     count = g.new_full((g.shape[0],), float(g.shape[1])) if valid is None else valid.sum(1).to(acc)

@@ -7,9 +7,14 @@ interpreter (TRITON_INTERPRET=1, set before this package is imported), which is 
 
 import os
 
+import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# The kernels' ACC constexpr for each accumulation dtype (reference.accumulation_dtype).
+TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def why_not(device) -> str | None:

@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from . import INTERPRET, why_not
+from ..reference import accumulation_dtype
+from . import INTERPRET, TL_ACC, why_not
 
 # The row-block of hidden is held whole over D_p in registers; 16384 covers every current LLM
 # width (Llama-3.1-405B). Wider D_p would need the D-tiled two-pass variant.
@@ -253,13 +254,6 @@ def _layout(hidden, mask, cu_seqlens):
                 cu_seqlens=cu_seqlens if packed else hidden, stride_hb=stride_hb, typical=typical)
 
 
-def _accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 def _check_supported(hidden: torch.Tensor) -> None:
     if hidden.shape[-1] > MAX_D_P:
         raise ValueError(f"the triton backend of attention_pool supports D_p <= {MAX_D_P}, got "
@@ -272,7 +266,7 @@ def _pool_forward(hidden: torch.Tensor, q: torch.Tensor, scale: float, mask: tor
     """(pooled (B, n_h, D_p) in hidden.dtype, lse (B, n_h) log-sum-exp of the scores in the
     accumulation dtype)."""
     lay = _layout(hidden, mask, cu_seqlens)
-    acc = _accumulation_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
     n_split = _num_splits(batch * heads, lay["typical"], hidden.device)
     # With one split the kernel's normalised output is the result: it writes it directly.
@@ -287,7 +281,7 @@ def _pool_forward(hidden: torch.Tensor, q: torch.Tensor, scale: float, mask: tor
         lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
         q_scaled.stride(0), q_scaled.stride(1), q_scaled.stride(2),
         lay["mask_args"][1], lay["mask_args"][2],
-        PACKED=lay["packed"], HAS_MASK=mask is not None, ACC=_TL_DTYPE[acc],
+        PACKED=lay["packed"], HAS_MASK=mask is not None, ACC=TL_ACC[acc],
         BLOCK_D=triton.next_power_of_2(d_p),
     )
     if direct:
@@ -303,7 +297,7 @@ def _pool_forward(hidden: torch.Tensor, q: torch.Tensor, scale: float, mask: tor
 def _(hidden, q, scale, mask, cu_seqlens):
     batch = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return (hidden.new_empty((batch, q.shape[1], hidden.shape[-1])),
-            hidden.new_empty((batch, q.shape[1]), dtype=_accumulation_dtype(hidden)))
+            hidden.new_empty((batch, q.shape[1]), dtype=accumulation_dtype(hidden.dtype)))
 
 
 @torch.library.custom_op("r2m::attention_pool_triton_backward", mutates_args=())
@@ -312,7 +306,7 @@ def _pool_backward(grad: torch.Tensor, hidden: torch.Tensor, q: torch.Tensor, po
                    cu_seqlens: torch.Tensor | None, need_dhidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq in q.dtype, dhidden in hidden.dtype and shape; an empty tensor when not needed)."""
     lay = _layout(hidden, mask, cu_seqlens)
-    acc = _accumulation_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
     heads_per_program = heads if need_dhidden else 1
     programs = batch * heads // heads_per_program
@@ -333,7 +327,7 @@ def _pool_backward(grad: torch.Tensor, hidden: torch.Tensor, q: torch.Tensor, po
         q_scaled.stride(0), q_scaled.stride(1), q_scaled.stride(2),
         lay["mask_args"][1], lay["mask_args"][2],
         grad.stride(0), grad.stride(1), grad.stride(2),
-        PACKED=lay["packed"], HAS_MASK=mask is not None, NEED_DH=need_dhidden, ACC=_TL_DTYPE[acc],
+        PACKED=lay["packed"], HAS_MASK=mask is not None, NEED_DH=need_dhidden, ACC=TL_ACC[acc],
         BLOCK_D=triton.next_power_of_2(d_p),
     )
     return (dq.sum(dim=0) * scale).to(q.dtype), dhidden.to(hidden.dtype)

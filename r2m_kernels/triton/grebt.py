@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from . import INTERPRET, why_not
+from ..reference import accumulation_dtype
+from . import INTERPRET, TL_ACC, why_not
 
 # Largest group the single-tile kernel takes: a group lives in one program's registers.
 MAX_GROUP_SIZE = 16384
@@ -142,7 +143,7 @@ def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: tor
                    write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss: scalar, or (G,) for "none"; d loss / d rewards (B,), empty unless write_grad),
     both in the math's dtype."""
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(rewards.dtype)
     rewards = rewards.contiguous()
     n = rewards.shape[0]
     if cu_groups is None:
@@ -167,7 +168,7 @@ def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: tor
         num_groups, k_max if cu_groups is None else 0,
         *split_scalar(alpha), *split_scalar(eps), *split_scalar(loss_scale),
         RAGGED=cu_groups is not None, WRITE_GRAD=write_grad,
-        BLOCK_G=block_g, BLOCK_K=block_k, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_G=block_g, BLOCK_K=block_k, ACC=TL_ACC[acc],
         num_warps=max(1, min(16, block_g * block_k // 256)),
     )
     return (per_group if reduction == "none" else per_group.sum()), grad
@@ -175,7 +176,7 @@ def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: tor
 
 @_grebt_forward.register_fake
 def _(rewards, group_size, cu_groups, alpha, eps, reduction, write_grad):
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(rewards.dtype)
     if reduction != "none":
         loss_shape = ()
     elif cu_groups is None:

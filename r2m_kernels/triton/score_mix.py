@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from . import why_not
+from . import TL_ACC, why_not
 from .grebt import join_scalar, split_scalar
 
 # Static tiles, not yet tuned on a GPU. Enough d-chunks (d / BLOCK_D) to spread the W_o read over
@@ -150,9 +150,6 @@ def _rows_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_ACC_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 # torch.library custom ops (forward, backward, autograd between them), like the attention pool,
 # so that torch.compile treats the kernels as opaque nodes instead of breaking the graph.
 @torch.library.custom_op("r2m::score_mix_triton", mutates_args=())
@@ -174,7 +171,7 @@ def _score_mix_forward(attended: torch.Tensor, rte: torch.Tensor, out_weight: to
         u, partial, batch, attn_dim, rm_dim, num_d_chunks, *split_scalar(omega), attended.stride(0),
         rte.stride(0),
         HAS_BIAS=score_bias is not None, BLOCK_B=_BLOCK_B, BLOCK_D=_BLOCK_D, BLOCK_R=_BLOCK_R,
-        ACC=_ACC_TL[acc],
+        ACC=TL_ACC[acc],
     )
     return partial.sum(0), u
 
@@ -217,7 +214,7 @@ def _score_mix_backward(grad_rewards: torch.Tensor, attended: torch.Tensor, rte:
             rte.stride(0),
             NEED_D_ATTENDED=need_c, NEED_D_RTE=need_rte, NEED_D_OUT_WEIGHT=need_w_o,
             NEED_D_SCORE_WEIGHT=need_w, BLOCK_B=_BLOCK_B, BLOCK_D=_BLOCK_D, BLOCK_R=_BLOCK_R,
-            ACC=_ACC_TL[acc],
+            ACC=TL_ACC[acc],
         )
     d_score_weight = d_weight_partial.sum(0, keepdim=True).to(score_weight.dtype) if need_w else score_weight.new_empty(0)
     return d_attended, d_rte, d_out_weight, d_score_weight
