@@ -191,3 +191,11 @@ def test_tiny_run_on_the_gpu_times_the_kernel_backends_and_memory(tmp_path):
         assert [r["backend"] for r in data["rows"] if r["op"] == op] == expected
     for r in data["rows"]:
         assert r["error"] == "" and r["fwd_bwd_ms"] > 0 and r["peak_total_bytes"] > 0, r
+
+
+def test_pool_variants_sweep_runs_both_variants():
+    from benchmarks.pool_variants import main
+
+    rows = main(["--tiny"])
+    assert [(n_h, variant) for n_h, variant, *_ in rows] == [
+        (1, "dots"), (1, "per-head"), (4, "dots"), (4, "per-head")]

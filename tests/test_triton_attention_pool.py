@@ -4,13 +4,15 @@ On the CPU the kernels run in Triton's interpreter (fp32 and fp16, small odd sha
 `gpu` tests repeat the checks in bf16/fp16/fp32 at realistic sizes. Every buffer the kernels
 write is poisoned with NaN first, so a position they fail to write shows up as NaN.
 
+Both variants are checked: the per-head kernels (attention_pool.py) and the many-head
+tensor-core kernels (attention_pool_heads.py), each at several n_h, by moving the threshold
+MANY_HEADS_MIN that picks between them.
+
 The rule: the triton result's max error against float64 is at most twice the error of the
 torch backend run in the same dtype, plus a small slack relative to the result's size.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -18,100 +20,48 @@ import torch
 import r2m_kernels
 from r2m import R2MHead
 from r2m_kernels import dispatch
-from r2m_kernels.reference import attention_pool_torch
 from r2m_kernels.triton import attention_pool as triton_pool
+from r2m_kernels.triton import attention_pool_heads as head_dots
+from r2m_kernels.triton import pool_common
 
-SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
+from .pool_checks import SLACK, assert_within_rule, check_against_reference, make_inputs, pool_and_grads
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_pool, "_empty", nan_empty)
+    monkeypatch.setattr(pool_common, "empty", nan_empty)
 
 
 @pytest.fixture
 def splits_used(monkeypatch):
     """The number of flash-decoding splits of every kernel launch, in order."""
-    used, choose = [], triton_pool._num_splits
+    used, choose = [], pool_common.num_splits
 
     def recording(*args):
         used.append(choose(*args))
         return used[-1]
 
-    monkeypatch.setattr(triton_pool, "_num_splits", recording)
+    monkeypatch.setattr(pool_common, "num_splits", recording)
     return used
 
 
-def make_inputs(kind, batch, seq_len, d_p, heads, device="cpu"):
-    """float64 hidden, q and the layout: mask for padded kinds, cu_seqlens for "packed".
-
-    kinds: "dense" (no mask), "holes" (random holes, every row keeps a position), "left"
-    (left padding of different lengths, one longer than half the row, as an int64 mask),
-    "packed" (ragged lengths including 1 and seq_len)."""
-    mask = cu_seqlens = None
-    if kind == "packed":
-        lengths = torch.randint(1, seq_len + 1, (batch,))
-        lengths[0], lengths[-1] = 1, seq_len
-        cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
-        cu_seqlens[1:] = lengths.cumsum(0)
-        hidden = torch.randn(int(cu_seqlens[-1]), d_p, dtype=torch.float64)
-        cu_seqlens = cu_seqlens.to(device)
-    else:
-        hidden = torch.randn(batch, seq_len, d_p, dtype=torch.float64)
-        if kind == "holes":
-            mask = torch.rand(batch, seq_len) > 0.35
-            mask[torch.arange(batch), torch.randint(0, seq_len, (batch,))] = True
-        elif kind == "left":
-            pad = torch.randint(0, seq_len, (batch,))
-            pad[0] = (2 * seq_len) // 3
-            mask = (torch.arange(seq_len)[None, :] >= pad[:, None]).long()
-        if mask is not None:
-            mask = mask.to(device)
-    q = torch.randn(batch, heads, d_p, dtype=torch.float64)
-    return hidden.to(device), q.to(device), mask, cu_seqlens
+@pytest.fixture
+def dots_calls(monkeypatch):
+    """The many-head variant's host calls ("forward", "backward"), in order."""
+    calls = []
+    for name in ("forward", "backward"):
+        def recording(*args, _name=name, _fn=getattr(head_dots, f"pool_{name}")):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(head_dots, f"pool_{name}", recording)
+    return calls
 
 
-def pool_and_grads(backend, hidden, q, scale, mask, cu_seqlens, grad, hidden_grad):
-    """(pooled, dq, dhidden or None) of attention_pool with `backend` on leaf copies."""
-    hidden = hidden.detach().clone().requires_grad_(hidden_grad)
-    q = q.detach().clone().requires_grad_(True)
-    pooled = r2m_kernels.attention_pool(hidden, q, scale, mask=mask, cu_seqlens=cu_seqlens,
-                                        backend=backend)
-    pooled.backward(grad.to(pooled.dtype))
-    return pooled.detach(), q.grad, hidden.grad
-
-
-def assert_within_rule(name, got, ref64, same_dtype_torch, slack):
-    assert got is not None and torch.isfinite(got).all(), f"{name}: missing or non-finite values"
-    err = (got.double() - ref64).abs().max().item()
-    err_torch = (same_dtype_torch.double() - ref64).abs().max().item()
-    bound = 2 * err_torch + slack * max(1.0, ref64.abs().max().item())
-    assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {err_torch:.3g} + slack ({bound:.3g})"
-
-
-def check_against_reference(kind, batch, seq_len, d_p, heads, dtype, q_dtype, hidden_grad,
-                            device="cpu"):
-    hidden64, q64, mask, cu_seqlens = make_inputs(kind, batch, seq_len, d_p, heads, device)
-    scale = 2.0 / math.sqrt(d_p)
-    grad = torch.randn(batch, heads, d_p, dtype=torch.float64, device=device)
-    ref = pool_and_grads("torch", hidden64, q64, scale, mask, cu_seqlens, grad, True)
-    low = (hidden64.to(dtype), q64.to(q_dtype))
-    eager = pool_and_grads("torch", *low, scale, mask, cu_seqlens, grad, hidden_grad)
-    fast = pool_and_grads("triton", *low, scale, mask, cu_seqlens, grad, hidden_grad)
-
-    assert fast[0].dtype == dtype and fast[0].shape == (batch, heads, d_p)
-    assert fast[1].dtype == q_dtype
-    slack = SLACK[dtype]
-    assert_within_rule("pooled", fast[0], ref[0], eager[0], slack)
-    assert_within_rule("dq", fast[1], ref[1], eager[1], slack)
-    if hidden_grad:
-        assert fast[2].dtype == dtype and fast[2].shape == hidden64.shape
-        assert_within_rule("dhidden", fast[2], ref[2], eager[2], slack)
-    else:
-        assert fast[2] is None
+def use_variant(monkeypatch, variant):
+    """Make attention_pool take `variant` ("dots" or "per-head") at every n_h."""
+    monkeypatch.setattr(head_dots, "MANY_HEADS_MIN", 1 if variant == "dots" else 10**9)
 
 
 # (kind, B, S, D_p, n_h, split). The interpreter pretends to have 2 SMs: fewer than 4
@@ -130,9 +80,97 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads,split", CPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_matches_float64_reference(kind, batch, seq_len, d_p, heads, split, dtype, splits_used):
+def test_matches_float64_reference(kind, batch, seq_len, d_p, heads, split, dtype, splits_used,
+                                   monkeypatch):
+    use_variant(monkeypatch, "per-head")
     check_against_reference(kind, batch, seq_len, d_p, heads, dtype, dtype, hidden_grad=True)
     assert len(splits_used) == 2 and any(n > 1 for n in splits_used) == split
+
+
+# The many-head variant: (kind, B, S, D_p, n_h, split). Its head block is max(16, next pow2
+# of n_h); the interpreter's blocks are 16 positions by 32 columns, so D_p > 32 crosses
+# D-chunks. `split`: whether a pass splits sequences (2 pretend SMs: fewer than 4 programs
+# with S > 64). Padded kinds carry NaN in their masked-out rows.
+DOT_CASES = [
+    ("dense", 2, 37, 40, 16, False),   # D_p not a power of two, two D-chunks
+    ("holes", 3, 37, 72, 3, False),    # 3 heads padded to 16, three D-chunks
+    ("left", 2, 150, 24, 5, True),     # left padding; a split with no valid position
+    ("packed", 3, 40, 40, 32, False),  # 32 heads (head block 32); lengths 1 and 40
+    ("dense", 2, 1, 17, 16, False),    # S = 1
+    ("packed", 1, 140, 20, 8, True),
+    ("holes", 2, 29, 33, 1, False),    # one head through the dots
+]
+
+
+@pytest.mark.parametrize("kind,batch,seq_len,d_p,heads,split", DOT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_head_dots_match_float64_reference(kind, batch, seq_len, d_p, heads, split, dtype,
+                                           splits_used, dots_calls, monkeypatch):
+    use_variant(monkeypatch, "dots")
+    check_against_reference(kind, batch, seq_len, d_p, heads, dtype, dtype, hidden_grad=True,
+                            nan_pads=True)
+    assert dots_calls == ["forward", "backward"]
+    # Score pass and pooling pass forward; dscores pass and dq pass backward.
+    assert len(splits_used) == 4 and any(n > 1 for n in splits_used) == split
+
+
+@pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", [("holes", 1, 37, 40, 16), ("packed", 2, 70, 24, 5)])
+def test_per_head_variant_at_many_heads(kind, batch, seq_len, d_p, heads, monkeypatch):
+    """The per-head kernels stay correct above the threshold (dhidden summed over heads)."""
+    use_variant(monkeypatch, "per-head")
+    check_against_reference(kind, batch, seq_len, d_p, heads, torch.float32, torch.float32,
+                            hidden_grad=True, nan_pads=True)
+
+
+@pytest.mark.parametrize("kind,heads", [("holes", 4), ("packed", 16)])
+def test_head_dots_fp16_hidden_fp32_q_without_hidden_grad(kind, heads, dots_calls):
+    """R2M's case at the default threshold: 16-bit frozen hidden, fp32 folded query, dq only."""
+    check_against_reference(kind, 3, 45, 40, heads, torch.float16, torch.float32,
+                            hidden_grad=False, nan_pads=True)
+    assert dots_calls == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("heads,dtype,dots", [
+    (1, torch.float32, False), (3, torch.float16, False), (head_dots.MANY_HEADS_MIN, torch.float32, True),
+    (32, torch.float16, True), (16, torch.float64, False)])
+def test_variant_selection(heads, dtype, dots, dots_calls):
+    """Below MANY_HEADS_MIN heads (n_h = 1 included) and for fp64 the per-head kernels run;
+    from it on, the many-head ones, forward and backward."""
+    hidden, q, _, _ = make_inputs("dense", 1, 3, 16, heads)
+    pool_and_grads("triton", hidden.to(dtype), q.to(dtype), 0.5, None, None,
+                   torch.randn(1, heads, 16), True)
+    assert dots_calls == (["forward", "backward"] if dots else [])
+
+
+@pytest.mark.parametrize("variant", ["per-head", "dots"])
+@pytest.mark.parametrize("batch,seq_len", [(3, 37), (1, 150)], ids=["one-split", "split"])
+def test_scores_far_below_exp_range(variant, batch, seq_len, monkeypatch):
+    """Every score near -120 (lse < -88: exp(-lse) overflows fp32) with holes and NaN pads:
+    masked positions must get weight 0, never exp(0 - lse) = inf times a zeroed row. Rows
+    near the all-ones vector make delta = grad . pooled large against ds, so an output
+    normalised by an fp32 lse of that size (off by ~4e-6) shows in dq. With one sequence of
+    150 positions the passes split (the host combines); with three of 37 they do not."""
+    use_variant(monkeypatch, variant)
+    hidden64, _, mask, _ = make_inputs("holes", batch, seq_len, 40, 5, nan_pads=True)
+    hidden64 = 1 + 0.1 * hidden64
+    q64 = -3 + 0.1 * torch.randn(batch, 5, 40, dtype=torch.float64)
+    grad = torch.randn(batch, 5, 40, dtype=torch.float64)
+    ref = pool_and_grads("torch", hidden64, q64, 1.0, mask, None, grad, True)
+    eager = pool_and_grads("torch", hidden64.float(), q64.float(), 1.0, mask, None, grad, True)
+    fast = pool_and_grads("triton", hidden64.float(), q64.float(), 1.0, mask, None, grad, True)
+    for name, got, want, same_dtype in zip(("pooled", "dq", "dhidden"), fast, ref, eager):
+        assert_within_rule(name, got, want, same_dtype, SLACK[torch.float32])
+
+
+def test_head_dots_non_contiguous_inputs(monkeypatch):
+    use_variant(monkeypatch, "dots")
+    hidden64 = torch.randn(23, 3, 40, dtype=torch.float64).transpose(0, 1)  # (3, 23, 40), strided
+    q64 = torch.randn(3, 40, 6, dtype=torch.float64).transpose(1, 2)        # (3, 6, 40), strided
+    grad = torch.randn(3, 6, 40, dtype=torch.float64).expand(3, 6, 40)
+    ref = pool_and_grads("torch", hidden64, q64, 0.2, None, None, grad, True)
+    fast = pool_and_grads("triton", hidden64.float(), q64.float(), 0.2, None, None, grad, True)
+    for name, got, want in zip(("pooled", "dq", "dhidden"), fast, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("kind,batch,seq_len,heads", [("holes", 3, 29, 2), ("packed", 1, 140, 3)])
@@ -174,20 +212,21 @@ def test_rejects_what_it_cannot_run():
 def test_registered_with_dispatch():
     name, fn = dispatch.resolve("attention_pool", "triton", torch.device("cpu"))
     assert name == "triton" and fn is triton_pool.attention_pool_triton
-    # On CUDA tensors "auto" prefers the compiled extension, then triton.
+    # On CUDA tensors "auto" takes triton (before cuda, until the cuda kernels are measured).
     cuda = torch.device("cuda")
     assert "triton" in dispatch.available_backends("attention_pool", cuda)
-    expected = "cuda" if "cuda" in dispatch.available_backends("attention_pool", cuda) else "triton"
-    assert dispatch.resolve("attention_pool", "auto", cuda)[0] == expected
+    assert dispatch.resolve("attention_pool", "auto", cuda)[0] == "triton"
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("variant", ["per-head", "dots"])
+def test_custom_op_registration(variant, monkeypatch):
     """Schema, fake (meta) implementation and autograd registration of the op agree with the
-    real implementation (torch.library.opcheck). The packed layout's fake implementation is
-    exercised by test_torch_compile_fullgraph."""
+    real implementation (torch.library.opcheck), whichever variant runs inside. The packed
+    layout's fake implementation is exercised by test_torch_compile_fullgraph."""
+    use_variant(monkeypatch, variant)
     hidden, q, mask, _ = make_inputs("holes", 2, 9, 12, 2)
     hidden, q = hidden.float().requires_grad_(), q.float().requires_grad_()
-    torch.library.opcheck(triton_pool._pool_forward, (hidden, q, 0.5, mask, None))
+    torch.library.opcheck(triton_pool._pool_op, (hidden, q, 0.5, mask, None))
 
 
 def head_pair(num_heads, dtype=torch.float64):
@@ -263,6 +302,58 @@ GPU_CASES = [
 def test_gpu_matches_float64_reference(kind, batch, seq_len, d_p, heads, dtype, hidden_grad):
     check_against_reference(kind, batch, seq_len, d_p, heads, dtype, torch.float32, hidden_grad,
                             device="cuda")
+
+
+# Both variants at many heads and realistic sizes: DESIGN §6 `heads` cut to B = 64, n_h 32,
+# n_h and D_p not powers of two, and a long packed sequence (split path).
+GPU_HEAD_CASES = [
+    ("dense", 64, 1024, 4096, 16),
+    ("left", 16, 1024, 4096, 32),
+    ("holes", 8, 1500, 2000, 12),
+    ("packed", 2, 16384, 1536, 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", GPU_HEAD_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("hidden_grad", [False, True], ids=["dq", "dq+dhidden"])
+@pytest.mark.parametrize("variant", ["dots", "per-head"])
+def test_gpu_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads, dtype,
+                                                hidden_grad, variant, monkeypatch):
+    use_variant(monkeypatch, variant)
+    check_against_reference(kind, batch, seq_len, d_p, heads, dtype, torch.float32, hidden_grad,
+                            device="cuda", nan_pads=True)
+
+
+@pytest.mark.gpu
+def test_gpu_head_dots_peak_extra_memory():
+    """At DESIGN §6 `heads` (B 512, S 1024, D_p 4096, n_h 16, bf16) the many-head variant's
+    memory beyond inputs and outputs is its fp32 (n_h, B * S) buffer, 32 MiB, in the forward
+    and in the backward (dq alone, and with dhidden)."""
+    batch, seq_len, d_p, heads = 512, 1024, 4096, 16
+    hidden = torch.randn(batch, seq_len, d_p, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, d_p, device="cuda")
+    grad = torch.randn(batch, heads, d_p, device="cuda", dtype=torch.bfloat16)
+    buffer = 4 * heads * batch * seq_len
+
+    def extra(call):
+        call()  # autotuning allocates its own scratch: keep it out of the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        outputs = call()
+        torch.cuda.synchronize()
+        kept = sum(t.numel() * t.element_size() for t in outputs)
+        return torch.cuda.max_memory_allocated() - before - kept
+
+    pooled, lse = head_dots.pool_forward(hidden, q, 0.1, None, None)
+    assert extra(lambda: head_dots.pool_forward(hidden, q, 0.1, None, None)) <= buffer + 2**20
+    for need_dhidden in (False, True):
+        used = extra(lambda: head_dots.pool_backward(grad, hidden, q, pooled, lse, 0.1, None, None,
+                                                     need_dhidden))
+        assert used <= buffer + 2**20, f"need_dhidden={need_dhidden}: {used / 2**20:.1f} MiB"
 
 
 @pytest.mark.gpu

@@ -2,10 +2,15 @@
 
     pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]      over valid t
 
-Layouts: padded hidden (B, S, D_p) with an optional (B, S) mask of any pattern, or packed
-hidden (N, D_p) with (B+1,) int32 cu_seqlens. hidden fp32/fp16/bf16 (or fp64), q of any
-float dtype (B, n_h, D_p); every score, softmax and accumulation is fp32 (fp64 for fp64
-hidden, as in the torch backend). The wrapper hands the kernels scale * q in that dtype.
+Layouts (pool_common): padded hidden (B, S, D_p) with an optional (B, S) mask of any
+pattern, or packed hidden (N, D_p) with (B+1,) int32 cu_seqlens. hidden fp32/fp16/bf16 (or
+fp64), q of any float dtype (B, n_h, D_p); every score, softmax and accumulation is fp32
+(fp64 for fp64 hidden, as in the torch backend).
+
+Two variants behind one op. With n_h >= attention_pool_heads.MANY_HEADS_MIN (and 16/32-bit
+hidden) the ops call attention_pool_heads: tensor-core dots over all heads, 2 passes over
+hidden forward and 2 backward whatever n_h. Otherwise the kernels below, which do the
+products on the CUDA cores; the wrapper hands them scale * q in the accumulation dtype.
 
 Kernel plan. A program owns one sequence (and, forward, one head) and a contiguous chunk of
 its positions. It walks the chunk BLOCK_S rows at a time; each row-block of hidden is loaded
@@ -26,13 +31,10 @@ registers for both the score (a dot product over D_p on the CUDA cores) and the 
                 ds_t = a_t (delta_t - D),  dq = scale sum_t ds_t h_t,
                 dh_t = sum_j (scale ds_tj q_j + a_tj dp_j)      (only if hidden needs grad)
             Passes over hidden: 1 for n_h = 1; for n_h > 1 as the forward (mostly L2) for
-            dq alone, n_h passes from HBM with dhidden.
+            dq alone, n_h passes from HBM with dhidden (below MANY_HEADS_MIN heads).
 
-Not done here: the many-head tensor-core variant (a score pass with tl.dot into a
-(B, n_h, S) buffer, then a pooling pass tiled over D_p); see the module's owed work.
-
-The op is registered with torch.library.custom_op (with a fake implementation and autograd),
-so torch.compile traces through it without a graph break.
+The op is a torch.library custom op (kernel_host.define_attention_pool_op: fake
+implementation and autograd), so torch.compile traces through it without a graph break.
 """
 
 from __future__ import annotations
@@ -42,18 +44,19 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
+from ..kernel_host import combine_splits, define_attention_pool_op
 from ..reference import accumulation_dtype
 from . import INTERPRET, TL_ACC, why_not
+from . import attention_pool_heads as head_dots
+from . import pool_common as common
+from .pool_common import chunk, load_rows, sequence, valid_rows
 
 # The row-block of hidden is held whole over D_p in registers; 16384 covers every current LLM
-# width (Llama-3.1-405B). Wider D_p would need the D-tiled two-pass variant.
+# width (Llama-3.1-405B). The many-head variant tiles D_p and has no such limit, but the
+# variant is chosen by n_h alone, so the limit applies to both.
 MAX_D_P = 16384
 # Largest row-block tile (BLOCK_S * BLOCK_D elements) a program keeps in registers.
 _MAX_TILE = 32768
-# Each flash-decoding split gets at least this many positions, so splitting never makes the
-# per-program work smaller than the combine it costs.
-_MIN_ROWS_PER_SPLIT = 64
-
 
 
 def _configs():
@@ -78,41 +81,6 @@ def _autotune(fn):
                            prune_configs_by={"early_config_prune": _prune})(fn)
 
 
-@triton.jit
-def _sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED: tl.constexpr):
-    """(first row of sequence b counted in rows of hidden, its length, pointer to its row 0)."""
-    if PACKED:
-        row0 = tl.load(cu_seqlens + b).to(tl.int64)
-        seqlen = tl.load(cu_seqlens + b + 1).to(tl.int64) - row0
-        base = hidden + row0 * stride_hs
-    else:
-        row0 = b.to(tl.int64) * S
-        seqlen = S
-        base = hidden + b.to(tl.int64) * stride_hb
-    return row0, seqlen, base
-
-
-@triton.jit
-def _chunk(seqlen, split, n_split, BLOCK_S: tl.constexpr):
-    """Positions [start, stop) of this split: equal chunks, each a whole number of blocks."""
-    chunk = tl.cdiv(tl.cdiv(seqlen, n_split), BLOCK_S) * BLOCK_S
-    start = split * chunk
-    return start, tl.minimum(start + chunk, seqlen)
-
-
-@triton.jit
-def _load_rows(base, mask, b, offs_s, stop, offs_d, D, stride_hs, stride_hd, stride_mb, stride_ms,
-               HAS_MASK: tl.constexpr, ACC: tl.constexpr):
-    """(BLOCK_S, BLOCK_D) rows in the accumulation dtype of hidden (zero where not valid) and the (BLOCK_S,) validity."""
-    valid = offs_s < stop
-    if HAS_MASK:
-        keep = tl.load(mask + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=valid, other=0)
-        valid = valid & (keep != 0)
-    ptrs = base + offs_s[:, None].to(tl.int64) * stride_hs + offs_d[None, :] * stride_hd
-    rows = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    return rows.to(ACC), valid
-
-
 @_autotune
 @triton.jit
 def _pool_fwd_kernel(
@@ -131,8 +99,8 @@ def _pool_fwd_kernel(
     n_split = tl.num_programs(1)
     b = pid // N_HEADS
     j = pid % N_HEADS
-    _, seqlen, base = _sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)
-    start, stop = _chunk(seqlen, split, n_split, BLOCK_S)
+    _, seqlen, base = sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)
+    start, stop = chunk(seqlen, split, n_split, BLOCK_S)
 
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
@@ -145,8 +113,8 @@ def _pool_fwd_kernel(
     acc = tl.zeros([BLOCK_D], ACC)
     for s0 in range(start, stop, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        rows, valid = _load_rows(base, mask, b, offs_s, stop, offs_d, D, stride_hs, stride_hd,
-                                 stride_mb, stride_ms, HAS_MASK, ACC)
+        valid = valid_rows(mask, b, offs_s, stop, stride_mb, stride_ms, HAS_MASK)
+        rows = load_rows(base, valid, offs_s, offs_d, D, stride_hs, stride_hd).to(ACC)
         scores = tl.where(valid, tl.sum(rows * qj[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -187,8 +155,8 @@ def _pool_bwd_kernel(
     b = pid // head_groups
     j0 = (pid % head_groups) * HEADS_PER_PROGRAM
     n_split = tl.num_programs(1)
-    row0, seqlen, base = _sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)
-    start, stop = _chunk(seqlen, split, n_split, BLOCK_S)
+    row0, seqlen, base = sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)
+    start, stop = chunk(seqlen, split, n_split, BLOCK_S)
 
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
@@ -202,10 +170,10 @@ def _pool_bwd_kernel(
         dq_acc = tl.zeros([BLOCK_D], ACC)
         for s0 in range(start, stop, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            rows, valid = _load_rows(base, mask, b, offs_s, stop, offs_d, D, stride_hs, stride_hd,
-                                     stride_mb, stride_ms, HAS_MASK, ACC)
+            valid = valid_rows(mask, b, offs_s, stop, stride_mb, stride_ms, HAS_MASK)
+            rows = load_rows(base, valid, offs_s, offs_d, D, stride_hs, stride_hd).to(ACC)
             scores = tl.sum(rows * qj[None, :], axis=1)
-            attn = tl.where(valid, tl.exp(scores - lse_j), 0.0)
+            attn = tl.exp(tl.where(valid, scores - lse_j, float("-inf")))
             dscores = attn * (tl.sum(rows * grad_j[None, :], axis=1) - delta_j)
             dq_acc += tl.sum(dscores[:, None] * rows, axis=0)
             if NEED_DH:
@@ -220,60 +188,26 @@ def _pool_bwd_kernel(
         tl.store(dq + slot * D + offs_d, dq_acc, mask=in_d)
 
 
-def _empty(shape, dtype, device):
-    """Allocation of every buffer the kernels write in full (tests replace it to poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _num_splits(programs: int, seq_len: int, device: torch.device) -> int:
-    """Flash-decoding splits of each sequence: enough programs for about two waves of the
-    GPU, never chunks shorter than _MIN_ROWS_PER_SPLIT positions. In the interpreter a
-    pretend 2-SM device, so that the tests run the split path at small batch sizes."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    wanted = triton.cdiv(2 * sms, programs)
-    return max(1, min(wanted, triton.cdiv(seq_len, _MIN_ROWS_PER_SPLIT)))
-
-
-def _layout(hidden, mask, cu_seqlens):
-    """Kernel arguments shared by both directions: (B, S or 0, layout constexprs, the mask as
-    uint8 (or a dummy), its strides, cu_seqlens (or a dummy), hidden's batch stride, a
-    typical sequence length for choosing splits)."""
-    packed = cu_seqlens is not None
-    if packed:
-        batch, seq_len, stride_hb = cu_seqlens.shape[0] - 1, 0, 0
-        typical = triton.cdiv(hidden.shape[0], batch)
-    else:
-        batch, seq_len, stride_hb = hidden.shape[0], hidden.shape[1], hidden.stride(0)
-        typical = seq_len
-    if mask is not None:
-        mask = (mask != 0).view(torch.uint8)
-        mask_args = (mask, mask.stride(0), mask.stride(1))
-    else:
-        mask_args = (hidden, 0, 0)  # never read: HAS_MASK is False
-    return dict(batch=batch, seq_len=seq_len, packed=packed, mask_args=mask_args,
-                cu_seqlens=cu_seqlens if packed else hidden, stride_hb=stride_hb, typical=typical)
-
-
 def _check_supported(hidden: torch.Tensor) -> None:
     if hidden.shape[-1] > MAX_D_P:
         raise ValueError(f"the triton backend of attention_pool supports D_p <= {MAX_D_P}, got "
                          f"hidden with D_p = {hidden.shape[-1]} (use backend='torch')")
 
 
-@torch.library.custom_op("r2m::attention_pool_triton", mutates_args=())
-def _pool_forward(hidden: torch.Tensor, q: torch.Tensor, scale: float, mask: torch.Tensor | None,
-                  cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(hidden, q, scale, mask, cu_seqlens):
     """(pooled (B, n_h, D_p) in hidden.dtype, lse (B, n_h) log-sum-exp of the scores in the
     accumulation dtype)."""
-    lay = _layout(hidden, mask, cu_seqlens)
+    if head_dots.uses_head_dots(hidden, q.shape[1]):
+        return head_dots.pool_forward(hidden, q, scale, mask, cu_seqlens)
+    lay = common.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = _num_splits(batch * heads, lay["typical"], hidden.device)
+    n_split = common.num_splits(batch * heads, lay["typical"], hidden.device)
     # With one split the kernel's normalised output is the result: it writes it directly.
     direct = n_split == 1
     splits = () if direct else (n_split,)
-    out = _empty(splits + (batch, heads, d_p), hidden.dtype if direct else acc, hidden.device)
-    lse = _empty(splits + (batch, heads), acc, hidden.device)
+    out = common.empty(splits + (batch, heads, d_p), hidden.dtype if direct else acc, hidden.device)
+    lse = common.empty(splits + (batch, heads), acc, hidden.device)
     q_scaled = q.to(acc) * scale
     _pool_fwd_kernel[(batch * heads, n_split)](
         hidden, q_scaled, lay["cu_seqlens"], lay["mask_args"][0], out, lse,
@@ -286,38 +220,27 @@ def _pool_forward(hidden: torch.Tensor, q: torch.Tensor, scale: float, mask: tor
     )
     if direct:
         return out, lse
-    # Flash-decoding combine: weight each split's normalised output by its share of the total
-    # softmax mass; a split with no valid position has lse -inf and weight 0.
-    total = torch.logsumexp(lse, dim=0)
-    pooled = (torch.exp(lse - total)[..., None] * out).sum(dim=0)
-    return pooled.to(hidden.dtype), total
+    return combine_splits(out, lse, hidden.dtype)
 
 
-@_pool_forward.register_fake
-def _(hidden, q, scale, mask, cu_seqlens):
-    batch = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (hidden.new_empty((batch, q.shape[1], hidden.shape[-1])),
-            hidden.new_empty((batch, q.shape[1]), dtype=accumulation_dtype(hidden.dtype)))
-
-
-@torch.library.custom_op("r2m::attention_pool_triton_backward", mutates_args=())
-def _pool_backward(grad: torch.Tensor, hidden: torch.Tensor, q: torch.Tensor, pooled: torch.Tensor,
-                   lse: torch.Tensor, scale: float, mask: torch.Tensor | None,
-                   cu_seqlens: torch.Tensor | None, need_dhidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
     """(dq in q.dtype, dhidden in hidden.dtype and shape; an empty tensor when not needed)."""
-    lay = _layout(hidden, mask, cu_seqlens)
+    if head_dots.uses_head_dots(hidden, q.shape[1]):
+        return head_dots.pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens,
+                                       need_dhidden)
+    lay = common.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
     heads_per_program = heads if need_dhidden else 1
     programs = batch * heads // heads_per_program
-    n_split = _num_splits(programs, lay["typical"], hidden.device)
+    n_split = common.num_splits(programs, lay["typical"], hidden.device)
     delta = (grad.to(acc) * pooled.to(acc)).sum(dim=-1).contiguous()  # D_j = dp_j . p_j
     q_scaled = q.to(acc) * scale
-    dq = _empty((n_split, batch, heads, d_p), acc, hidden.device)
+    dq = common.empty((n_split, batch, heads, d_p), acc, hidden.device)
     if need_dhidden:
         # Heads are summed in place; with one head the kernel writes the result directly.
         dh_dtype = hidden.dtype if heads == 1 else acc
-        dhidden = _empty(hidden.shape, dh_dtype, hidden.device)
+        dhidden = common.empty(hidden.shape, dh_dtype, hidden.device)
     else:
         dhidden = hidden.new_empty(0)
     _pool_bwd_kernel[(programs, n_split)](
@@ -333,29 +256,7 @@ def _pool_backward(grad: torch.Tensor, hidden: torch.Tensor, q: torch.Tensor, po
     return (dq.sum(dim=0) * scale).to(q.dtype), dhidden.to(hidden.dtype)
 
 
-@_pool_backward.register_fake
-def _(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
-    dhidden = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
-    return q.new_empty(q.shape), dhidden
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, q, scale, mask, cu_seqlens = inputs
-    pooled, lse = output
-    ctx.save_for_backward(hidden, q, pooled, lse, mask, cu_seqlens)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_pooled, grad_lse):
-    # lse is an internal output: nothing differentiates through it.
-    hidden, q, pooled, lse, mask, cu_seqlens = ctx.saved_tensors
-    need_dhidden = ctx.needs_input_grad[0]
-    dq, dhidden = _pool_backward(grad_pooled, hidden, q, pooled, lse, ctx.scale, mask, cu_seqlens,
-                                 need_dhidden)
-    return (dhidden if need_dhidden else None), dq, None, None, None
-
-
-_pool_forward.register_autograd(_backward, setup_context=_setup_context)
+_pool_op = define_attention_pool_op("attention_pool_triton", _forward, _backward)
 
 
 def attention_pool_triton(hidden, q, scale, mask=None, cu_seqlens=None):
@@ -366,7 +267,7 @@ def attention_pool_triton(hidden, q, scale, mask=None, cu_seqlens=None):
     pooled (B, n_h, D_p) in hidden.dtype; differentiable in q and hidden.
     """
     _check_supported(hidden)
-    return _pool_forward(hidden, q, float(scale), mask, cu_seqlens)[0]
+    return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0]
 
 
 dispatch.register("attention_pool", "triton", attention_pool_triton, why_not)

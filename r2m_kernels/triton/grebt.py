@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
+from ..kernel_host import define_grebt_op, grebt_groups
 from ..reference import accumulation_dtype
 from . import INTERPRET, TL_ACC, why_not
 
@@ -103,6 +104,10 @@ def _grebt_fwd_kernel(
     # Standardise with the population std; a group of equal rewards has std = 0.
     mean = tl.sum(r, axis=1) / count
     c = tl.where(valid, r - mean[:, None], 0.0)
+    # The rounded mean leaves sum c = K delta, delta ~ ulp(mean): when the spread is near
+    # ulp(mean) that shift breaks the gradient's invariance to adding a constant (it must sum
+    # to 0 over the group). Centring again removes it (the corrected two-pass variance).
+    c = tl.where(valid, c - (tl.sum(c, axis=1) / count)[:, None], 0.0)
     var = tl.sum(c * c, axis=1) / count
     positive = var > 0.0
     std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
@@ -135,23 +140,13 @@ def _grebt_fwd_kernel(
         tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-# A torch.library custom op (with autograd), like the attention pool, so that torch.compile
-# keeps the kernel as one opaque node.
-@torch.library.custom_op("r2m::grebt_loss_triton", mutates_args=())
-def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: torch.Tensor | None,
-                   alpha: float, eps: float, reduction: str,
-                   write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grebt_forward(rewards, group_size, cu_groups, alpha, eps, reduction, write_grad):
     """(loss: scalar, or (G,) for "none"; d loss / d rewards (B,), empty unless write_grad),
     both in the math's dtype."""
     acc = accumulation_dtype(rewards.dtype)
     rewards = rewards.contiguous()
     n = rewards.shape[0]
-    if cu_groups is None:
-        num_groups, k_max = n // group_size, group_size
-    else:
-        num_groups = cu_groups.numel() - 1
-        # The tile width needs the largest group: one host sync (validation already took one).
-        k_max = int((cu_groups[1:] - cu_groups[:-1]).max())
+    num_groups, k_max = grebt_groups(rewards, group_size, cu_groups)
     if k_max > MAX_GROUP_SIZE:
         raise ValueError(f"grebt_loss backend='triton' takes groups of up to {MAX_GROUP_SIZE} "
                          f"rewards, got a group of {k_max}; use backend='torch'")
@@ -174,39 +169,7 @@ def _grebt_forward(rewards: torch.Tensor, group_size: int | None, cu_groups: tor
     return (per_group if reduction == "none" else per_group.sum()), grad
 
 
-@_grebt_forward.register_fake
-def _(rewards, group_size, cu_groups, alpha, eps, reduction, write_grad):
-    acc = accumulation_dtype(rewards.dtype)
-    if reduction != "none":
-        loss_shape = ()
-    elif cu_groups is None:
-        loss_shape = (rewards.shape[0] // group_size,)
-    else:
-        loss_shape = (cu_groups.shape[0] - 1,)
-    return (rewards.new_empty(loss_shape, dtype=acc),
-            rewards.new_empty(rewards.shape[0] if write_grad else 0, dtype=acc))
-
-
-def _setup_context(ctx, inputs, output):
-    rewards, group_size, cu_groups, _, _, reduction, _ = inputs
-    ctx.save_for_backward(output[1], cu_groups)
-    ctx.group_size, ctx.reduction, ctx.rewards_dtype = group_size, reduction, rewards.dtype
-
-
-def _backward(ctx, grad_output, grad_of_grad):
-    # The forward kernel saved d loss / d rewards; backward only scales it by grad_output.
-    grad, cu_groups = ctx.saved_tensors
-    if ctx.reduction != "none":
-        grad_rewards = grad * grad_output
-    elif cu_groups is None:
-        grad_rewards = (grad.view(-1, ctx.group_size) * grad_output[:, None]).view(-1)
-    else:
-        sizes = cu_groups[1:] - cu_groups[:-1]
-        grad_rewards = grad * grad_output.repeat_interleave(sizes, output_size=grad.numel())
-    return grad_rewards.to(ctx.rewards_dtype), None, None, None, None, None, None
-
-
-_grebt_forward.register_autograd(_backward, setup_context=_setup_context)
+_grebt_op = define_grebt_op("grebt_loss_triton", _grebt_forward)
 
 
 def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean"):
@@ -218,7 +181,7 @@ def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1
     MAX_GROUP_SIZE rewards.
     """
     write_grad = rewards.requires_grad and torch.is_grad_enabled()
-    return _grebt_forward(rewards, group_size, cu_groups, float(alpha), float(eps), reduction, write_grad)[0]
+    return _grebt_op(rewards, group_size, cu_groups, float(alpha), float(eps), reduction, write_grad)[0]
 
 
 dispatch.register("grebt_loss", "triton", grebt_loss_triton, why_not)

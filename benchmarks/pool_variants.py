@@ -1,0 +1,67 @@
+"""Sweep that sets attention_pool_heads.MANY_HEADS_MIN: both Triton attention-pool variants
+(per-head CUDA-core dots, many-head tensor-core dots) at DESIGN §6 `heads` sizes (B 512,
+S 1024, D_p 4096, bf16) for n_h in 1..32, side by side in one run: forward, backward into q
+alone, backward into q and hidden (median ms of triton.testing.do_bench).
+
+    python benchmarks/pool_variants.py            # on the GPU
+    python benchmarks/pool_variants.py --tiny     # CPU smoke run in Triton's interpreter
+                                                  # (set TRITON_INTERPRET=1; no timing)
+The threshold is the smallest n_h from which the dots variant is faster in every column.
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+import r2m_kernels
+from r2m_kernels.triton import attention_pool_heads
+
+VARIANTS = {"dots": 1, "per-head": 10**9}  # MANY_HEADS_MIN that forces each variant
+
+
+def sweep(batch, seq_len, d_p, heads, device, dtype, timer):
+    """Rows (n_h, variant, fwd ms, bwd-dq ms, bwd-dq+dhidden ms)."""
+    hidden = torch.randn(batch, seq_len, d_p, device=device, dtype=dtype)
+    hidden_g = hidden.detach().clone().requires_grad_()
+    saved, rows = attention_pool_heads.MANY_HEADS_MIN, []
+    try:
+        for n_h in heads:
+            q = torch.randn(batch, n_h, d_p, device=device, requires_grad=True)
+            for variant, threshold in VARIANTS.items():
+                attention_pool_heads.MANY_HEADS_MIN = threshold
+
+                def forward(h=hidden):
+                    return r2m_kernels.attention_pool(h, q, d_p ** -0.5, backend="triton")
+
+                out, out_g = forward(), forward(hidden_g)
+                grad = torch.randn_like(out)
+                rows.append((n_h, variant, timer(forward),
+                             timer(lambda: torch.autograd.grad(out, q, grad, retain_graph=True)),
+                             timer(lambda: torch.autograd.grad(out_g, (q, hidden_g), grad,
+                                                               retain_graph=True))))
+    finally:
+        attention_pool_heads.MANY_HEADS_MIN = saved
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run (no timing)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        def run_once(fn):
+            fn()
+            return float("nan")
+        rows = sweep(2, 40, 48, (1, 4), "cpu", torch.float32, run_once)
+    else:
+        rows = sweep(512, 1024, 4096, (1, 2, 4, 8, 16, 32), "cuda", torch.bfloat16,
+                     triton.testing.do_bench)
+    print(f"{'n_h':>3} {'variant':8} {'fwd ms':>8} {'bwd dq ms':>10} {'bwd dq+dh ms':>13}")
+    for n_h, variant, fwd, bwd, bwd_dh in rows:
+        print(f"{n_h:3d} {variant:8} {fwd:8.3f} {bwd:10.3f} {bwd_dh:13.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Pieces both Triton attention-pool variants share (attention_pool.py, one program per head
+with CUDA-core dots; attention_pool_heads.py, tensor-core dots over all heads): where each
+sequence's rows are, the flash-decoding split of a sequence into chunks, the validity of a
+row-block, and the allocation of every buffer the kernels write.
+
+Layouts: padded hidden (B, S, D_p) with an optional (B, S) mask of any pattern, or packed
+hidden (N, D_p) with (B+1,) int32 cu_seqlens. Either way sequence b's rows are rows
+[row0, row0 + seqlen) of hidden viewed as (rows, D_p): row0 = b * S padded, cu_seqlens[b]
+packed; buffers indexed by row (scores, dhidden) use that row index.
+
+The host helpers `empty` and `num_splits` (kernel_host's, shared with the cuda backend) are
+called through this module (common.empty), so that tests can replace them: to poison every
+buffer with NaN, to record the splits chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kernel_host import num_splits  # noqa: F401  (called as common.num_splits: see above)
+
+
+@triton.jit
+def sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED: tl.constexpr):
+    """(first row of sequence b counted in rows of hidden, its length, pointer to its row 0)."""
+    if PACKED:
+        row0 = tl.load(cu_seqlens + b).to(tl.int64)
+        seqlen = tl.load(cu_seqlens + b + 1).to(tl.int64) - row0
+        base = hidden + row0 * stride_hs
+    else:
+        row0 = b.to(tl.int64) * S
+        seqlen = S
+        base = hidden + b.to(tl.int64) * stride_hb
+    return row0, seqlen, base
+
+
+@triton.jit
+def chunk(seqlen, split, n_split, BLOCK_S: tl.constexpr):
+    """Positions [start, stop) of this split: equal chunks, each a whole number of blocks."""
+    size = tl.cdiv(tl.cdiv(seqlen, n_split), BLOCK_S) * BLOCK_S
+    start = split * size
+    return start, tl.minimum(start + size, seqlen)
+
+
+@triton.jit
+def valid_rows(mask, b, offs_s, stop, stride_mb, stride_ms, HAS_MASK: tl.constexpr):
+    """(BLOCK_S,) validity of positions offs_s of sequence b: before `stop` and kept by the mask."""
+    valid = offs_s < stop
+    if HAS_MASK:
+        keep = tl.load(mask + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return valid
+
+
+@triton.jit
+def load_rows(base, valid, offs_s, offs_d, D, stride_hs, stride_hd):
+    """(BLOCK_S, BLOCK_D) tile of a sequence's rows in hidden's dtype, zero where the row is
+    not valid or the column is past D (pad rows may hold NaN: they are never read)."""
+    ptrs = base + offs_s[:, None].to(tl.int64) * stride_hs + offs_d[None, :] * stride_hd
+    return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+def empty(shape, dtype, device):
+    """Allocation of every buffer the kernels write in full (tests replace it to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def layout(hidden, mask, cu_seqlens):
+    """Kernel arguments shared by both directions and both variants: B, S (0 packed), the
+    layout constexprs, the mask as uint8 (or a dummy) and its strides, cu_seqlens (or a
+    dummy), hidden's batch stride, a typical sequence length for choosing splits, and the
+    number of rows of hidden (B * S padded, N packed)."""
+    packed = cu_seqlens is not None
+    if packed:
+        batch, seq_len, stride_hb = cu_seqlens.shape[0] - 1, 0, 0
+        typical = triton.cdiv(hidden.shape[0], batch)
+    else:
+        batch, seq_len, stride_hb = hidden.shape[0], hidden.shape[1], hidden.stride(0)
+        typical = seq_len
+    if mask is not None:
+        mask = (mask != 0).view(torch.uint8)
+        mask_args = (mask, mask.stride(0), mask.stride(1))
+    else:
+        mask_args = (hidden, 0, 0)  # never read: HAS_MASK is False
+    return dict(batch=batch, seq_len=seq_len, packed=packed, has_mask=mask is not None,
+                mask_args=mask_args, cu_seqlens=cu_seqlens if packed else hidden,
+                stride_hb=stride_hb, typical=typical,
+                rows=hidden.numel() // hidden.shape[-1])
