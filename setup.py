@@ -3,13 +3,17 @@
 
 R2M_SKIP_CUDA_BUILD=1 skips the extension; R2M_CUDA_ARCHS (e.g. "8.0;9.0") picks the
 architectures. Without the extension the package installs as pure Python and says so once.
+Sources and flags: r2m_kernels/cuda/build.py (the JIT fallback uses the same).
 """
 
-import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD = runpy.run_path(os.path.join(ROOT, "r2m_kernels", "cuda", "build.py"))
 
 
 def _notice(msg):
@@ -20,7 +24,7 @@ def cuda_extension_kwargs():
     if os.environ.get("R2M_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         _notice("R2M_SKIP_CUDA_BUILD is set")
         return {}
-    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    sources = [os.path.relpath(s, ROOT) for s in BUILD["sources"](ROOT)]
     if not sources:
         _notice("no CUDA sources in csrc/")
         return {}
@@ -36,12 +40,14 @@ def cuda_extension_kwargs():
     if CUDA_HOME is None:
         _notice("nvcc was not found")
         return {}
-    archs = os.environ.get("R2M_CUDA_ARCHS", "8.0;9.0")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    archs = BUILD["archs"]()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    print(f"r2m: building the CUDA extension r2m_kernels._cuda for {archs}", file=sys.stderr)
     ext = CUDAExtension(
         "r2m_kernels._cuda",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        include_dirs=[BUILD["csrc_dir"](ROOT)],
+        extra_compile_args={"cxx": BUILD["CXX_FLAGS"], "nvcc": BUILD["NVCC_FLAGS"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

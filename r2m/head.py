@@ -27,8 +27,8 @@ class R2MHead(nn.Module):
     benchmark compares against); "torch", "triton", "cuda" fold the query into W_k
     (q~ = q W_k^T per head) so the only pass over the hidden states is
     r2m_kernels.attention_pool, and take the attended vector to the reward with
-    r2m_kernels.score_mix without forming H_fin; "auto" picks the fastest backend of each op
-    for the tensors' device.
+    r2m_kernels.score_mix without forming H_fin; "auto" takes each op's first backend that
+    runs on the tensors' device (dispatch.AUTO_ORDER).
 
     Parameters stay fp32 unless the module is cast. `rte` and `hidden` may be 16-bit; the
     rewards are fp32.

@@ -25,3 +25,5 @@ try:
     from . import triton as _triton_backend
 except ImportError as exc:  # no triton on this platform: the torch backend still works
     dispatch.mark_unavailable("triton", f"triton is not importable ({exc})")
+
+from . import cuda as _cuda_backend  # noqa: E402,F401  (registers; the extension loads on first use)

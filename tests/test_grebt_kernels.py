@@ -1,7 +1,8 @@
-"""The triton backend of grebt_loss against the float64 torch reference (itself checked against
-the float64 loop and finite differences in test_grebt.py), finite differences of the kernel's
-own fp64 gradient, and the degenerate groups. On the CPU the kernel runs in Triton's
-interpreter."""
+"""The compiled backends of grebt_loss (triton, cuda) against the float64 torch reference
+(itself checked against the float64 loop and finite differences in test_grebt.py), finite
+differences of the triton kernel's own fp64 gradient, and the degenerate groups. Every test
+taking `backend` runs for both: triton everywhere (on the CPU in Triton's interpreter), cuda
+on a GPU only (the `gpu` mark)."""
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request):
+    return request.param
+
+
 def random_groups(sizes, scale=2.0):
     """Rewards for ragged groups of `sizes` and their (G+1,) int32 offsets."""
     cu = torch.zeros(len(sizes) + 1, dtype=torch.int32)
@@ -21,8 +27,8 @@ def random_groups(sizes, scale=2.0):
     return torch.randn(int(cu[-1]), dtype=torch.float64) * scale, cu
 
 
-def check_against_reference(rewards64, *, rtol=1e-5, dtype=torch.float32, **kwargs):
-    """Triton on rewards64 cast to `dtype` vs the torch reference in float64 on the same
+def check_against_reference(rewards64, backend, *, rtol=1e-5, dtype=torch.float32, **kwargs):
+    """`backend` on rewards64 cast to `dtype` vs the torch reference in float64 on the same
     (rounded) values: losses and gradients for every reduction, with a random grad_output.
 
     DESIGN §5: the error against float64 may be at most 2x the torch reference's own error in
@@ -35,16 +41,16 @@ def check_against_reference(rewards64, *, rtol=1e-5, dtype=torch.float32, **kwar
               else rewards64.numel() // kwargs["group_size"])
     for reduction in REDUCTIONS:
         results = {}
-        for name, backend, device, acc in (("fast", "triton", DEVICE, dtype),
+        for name, run_on, device, acc in (("fast", backend, DEVICE, dtype),
                                            ("eager", "torch", "cpu", dtype),
                                            ("ref", "torch", "cpu", torch.float64)):
             x = rounded.to(device, acc).requires_grad_(True)
-            loss = grebt_loss(x, reduction=reduction, backend=backend, **_on(kwargs, device))
+            loss = grebt_loss(x, reduction=reduction, backend=run_on, **_on(kwargs, device))
             if "grad_out" not in results:
                 results["grad_out"] = torch.randn(loss.shape, dtype=torch.float64)
             grad, = torch.autograd.grad(loss, x, results["grad_out"].to(device, loss.dtype))
             results[name] = (loss, grad)
-        (loss, grad), (ref_loss, ref_grad) = results["fast"], results["ref"]
+        (loss, grad), (ref_loss, _) = results["fast"], results["ref"]
         assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
         assert grad.dtype == dtype and torch.isfinite(grad).all() and torch.isfinite(loss).all()
         for i, what in enumerate(("loss", "gradient")):
@@ -62,25 +68,25 @@ def _on(kwargs, device):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8, 37, 130])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_uniform_groups_match_float64(k, alpha):
+def test_uniform_groups_match_float64(k, alpha, backend):
     groups = 5 if k < 100 else 2
     rewards = torch.randn(groups * k, dtype=torch.float64) * 2
-    check_against_reference(rewards, group_size=k, alpha=alpha)
+    check_against_reference(rewards, backend, group_size=k, alpha=alpha)
 
 
-def test_many_small_groups_span_several_programs():
+def test_many_small_groups_span_several_programs(backend):
     rewards = torch.randn(8 * 37, dtype=torch.float64)  # 37 groups of 8: tiles with a ragged tail
-    check_against_reference(rewards, group_size=8, alpha=0.3, eps=1e-4)
+    check_against_reference(rewards, backend, group_size=8, alpha=0.3, eps=1e-4)
 
 
-def test_ragged_groups_match_float64():
+def test_ragged_groups_match_float64(backend):
     rewards, cu = random_groups([3, 1, 5, 2, 8, 1, 13, 4, 6])
-    check_against_reference(rewards, cu_groups=cu, alpha=0.3)
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.3)
 
 
-def test_largest_issue_group_size_1024():
+def test_largest_issue_group_size_1024(backend):
     rewards, cu = random_groups([1024, 7, 300])
-    check_against_reference(rewards, cu_groups=cu, alpha=0.5)
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.5)
 
 
 def test_fp64_rewards_pass_gradcheck_through_the_kernel():
@@ -106,95 +112,118 @@ def test_fp64_rewards_pass_gradcheck_through_the_kernel():
                                    atol=1e-9, rtol=1e-6)
 
 
-def test_ties_pick_the_first_max_and_min():
+def test_ties_pick_the_first_max_and_min(backend):
     rewards = torch.tensor([0.0, 2.0, -1.0, 2.0, -1.0], device=DEVICE, requires_grad=True)
-    grad, = torch.autograd.grad(grebt_loss(rewards, 5, alpha=0.0, backend="triton"), rewards)
+    grad, = torch.autograd.grad(grebt_loss(rewards, 5, alpha=0.0, backend=backend), rewards)
     s = torch.sigmoid(torch.tensor(-3.0))
     torch.testing.assert_close(grad.cpu(), torch.tensor([0.0, -s, s, 0.0, 0.0]))
     check_against_reference(torch.tensor([1.0, 3.0, 3.0, -2.0, 1.0, -2.0], dtype=torch.float64),
-                            group_size=6, alpha=0.3)
+                            backend, group_size=6, alpha=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_degenerate_groups_give_finite_zero_gradients(dtype):
+def test_degenerate_groups_give_finite_zero_gradients(dtype, backend):
     # K = 1 and all-equal groups: w = l (zero BT gradient), uniform or one-hot p (zero GRE
     # gradient), std = 0 with a zero std gradient.
     rewards = torch.tensor([1.5, -2.0, 3.0, 3.0, 3.0, 3.0], dtype=dtype, device=DEVICE, requires_grad=True)
     cu = torch.tensor([0, 1, 2, 6], dtype=torch.int32, device=DEVICE)
-    got = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none", backend="triton")
+    if backend == "cuda" and dtype == torch.float64:  # not a cuda dtype: a clear error
+        with pytest.raises(TypeError, match="float64"):
+            grebt_loss(rewards, cu_groups=cu, backend=backend)
+        return
+    got = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none", backend=backend)
     want = grebt_loss(rewards.detach().double(), cu_groups=cu.cpu(), alpha=0.3, reduction="none",
                       backend="torch")
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-6, atol=1e-7)
     grad, = torch.autograd.grad(got.sum(), rewards)
     assert torch.isfinite(grad).all() and (grad == 0).all()
-    single, = torch.autograd.grad(grebt_loss(rewards, 1, backend="triton"), rewards)
+    single, = torch.autograd.grad(grebt_loss(rewards, 1, backend=backend), rewards)
     assert (single == 0).all()
 
 
 @pytest.mark.parametrize("magnitude", [1e2, 1e4])
-def test_large_rewards_stay_finite_and_accurate(magnitude):
+def test_large_rewards_stay_finite_and_accurate(magnitude, backend):
     rewards = torch.randn(48, dtype=torch.float64) * magnitude
     rewards[:8] = magnitude  # an all-equal group at the magnitude
     rewards[8:16] = magnitude + torch.arange(8, dtype=torch.float64)  # nearly equal
-    check_against_reference(rewards, group_size=8, alpha=0.3)
+    check_against_reference(rewards, backend, group_size=8, alpha=0.3)
 
 
-def test_bt_only_keeps_relative_accuracy_on_a_wide_gap():
+def test_bt_only_keeps_relative_accuracy_on_a_wide_gap(backend):
     # softplus(r_l - r_w) ~ exp(-30): log(1 + x) must not round it to 0.
     rewards = torch.tensor([0.0, 30.0, 10.0, 20.0], dtype=torch.float64)
-    check_against_reference(rewards, group_size=4, alpha=0.0)
+    check_against_reference(rewards, backend, group_size=4, alpha=0.0)
 
 
-def test_eps_beyond_fp32_range_stays_finite():
-    check_against_reference(torch.randn(12, dtype=torch.float64), group_size=4, eps=1e39)
+def test_eps_beyond_fp32_range_stays_finite(backend):
+    check_against_reference(torch.randn(12, dtype=torch.float64), backend, group_size=4, eps=1e39)
 
 
-def test_16bit_rewards():
-    check_against_reference(torch.randn(48, dtype=torch.float64), group_size=4, dtype=torch.float16)
+def test_16bit_rewards(backend):
+    check_against_reference(torch.randn(48, dtype=torch.float64), backend, group_size=4,
+                            dtype=torch.float16)
 
 
-def test_strided_rewards_with_and_without_grad():
+def test_strided_rewards_with_and_without_grad(backend):
     base = torch.randn(48, dtype=torch.float64)
     strided = base.float().to(DEVICE)[::2].requires_grad_(True)  # 24 rewards, stride 2
     reference = base[::2].float().double().requires_grad_(True)
     grad_out = torch.randn(4, dtype=torch.float64)
-    got = grebt_loss(strided, 6, reduction="none", backend="triton")
+    got = grebt_loss(strided, 6, reduction="none", backend=backend)
     want = grebt_loss(reference, 6, reduction="none", backend="torch")
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
     got_grad, = torch.autograd.grad(got, strided, grad_out.to(DEVICE, torch.float32))
     want_grad, = torch.autograd.grad(want, reference, grad_out)
     torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-7)
-    without = grebt_loss(strided.detach(), 6, reduction="none", backend="triton")
+    without = grebt_loss(strided.detach(), 6, reduction="none", backend=backend)
     assert without.grad_fn is None
     torch.testing.assert_close(without, got.detach())
 
 
-def test_module_uses_the_triton_backend():
+def test_module_uses_the_backend(backend):
     rewards = torch.randn(24, device=DEVICE)
-    module = GREBTLoss(alpha=0.4, eps=1e-5, backend="triton")
+    module = GREBTLoss(alpha=0.4, eps=1e-5, backend=backend)
     torch.testing.assert_close(module(rewards, 8).cpu(),
                                grebt_loss(rewards.cpu(), 8, alpha=0.4, eps=1e-5, backend="torch"))
 
 
-def test_a_group_beyond_the_tile_limit_is_a_clear_error():
+def test_a_group_beyond_the_tile_limit_is_a_clear_error(backend):
     rewards = torch.zeros(triton_grebt.MAX_GROUP_SIZE + 1, device=DEVICE)
     with pytest.raises(ValueError, match="groups of up to"):
-        grebt_loss(rewards, rewards.numel(), backend="triton")
+        grebt_loss(rewards, rewards.numel(), backend=backend)
 
 
 @pytest.mark.gpu
-def test_gpu_auto_picks_a_compiled_backend_and_matches_at_scale():
+def test_gpu_auto_picks_a_compiled_backend_and_matches_at_scale(backend):
     name, _ = dispatch.resolve("grebt_loss", "auto", torch.device("cuda"))
     assert name in ("cuda", "triton")
     rewards = torch.randn(16384 * 8, dtype=torch.float64)
-    check_against_reference(rewards, group_size=8, alpha=0.3)
-    check_against_reference(rewards[: 64 * 8], group_size=8, alpha=0.3, dtype=torch.bfloat16)
+    check_against_reference(rewards, backend, group_size=8, alpha=0.3)
+    check_against_reference(rewards[: 64 * 8], backend, group_size=8, alpha=0.3, dtype=torch.bfloat16)
 
 
-def test_every_output_element_is_written(monkeypatch):
-    # Buffers come from torch.empty: poison them so an element the kernel skips shows as NaN.
+def test_every_output_element_is_written(monkeypatch, backend):
+    # triton's buffers come from torch.empty: poison them so an element the kernel skips shows
+    # as NaN. The cuda binding allocates in C++: there, fill and free a block first, which the
+    # caching allocator hands out again for the small outputs.
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    if backend == "cuda":
+        torch.full((1 << 16,), float("nan"), device="cuda")  # freed at once, memory stays cached
     rewards, cu = random_groups([3, 1, 9, 2, 17])
-    check_against_reference(rewards, cu_groups=cu, alpha=0.3)
-    check_against_reference(rewards[:30], group_size=3, alpha=0.3)
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.3)
+    check_against_reference(rewards[:30], backend, group_size=3, alpha=0.3)
+
+
+@pytest.mark.parametrize("k", [8, 100, 600])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gradient_sums_to_zero_when_the_spread_is_near_the_rounding_of_the_mean(k, backend):
+    """The loss is invariant to adding a constant to a group, so its gradient sums to 0 over
+    each group. Rewards 1 + 1e-6 randn have a spread of ~8 ulps of their mean: a single fp32
+    centring leaves a shift of ~1 ulp in every centred reward, enough to break that sum."""
+    rewards = (1.0 + 1e-6 * torch.randn(4 * k, dtype=torch.float64)).float().to(DEVICE)
+    rewards.requires_grad_(True)
+    grad, = torch.autograd.grad(grebt_loss(rewards, k, alpha=1.0, backend=backend), rewards)
+    per_group = grad.view(4, k).double()
+    assert torch.isfinite(per_group).all()
+    assert (per_group.sum(1).abs() <= 1e-4 * per_group.abs().max()).all()
