@@ -193,6 +193,7 @@ def test_tiny_run_on_the_gpu_times_the_kernel_backends_and_memory(tmp_path):
         assert r["error"] == "" and r["fwd_bwd_ms"] > 0 and r["peak_total_bytes"] > 0, r
 
 
+@pytest.mark.interpreter
 def test_pool_variants_sweep_runs_both_variants():
     from benchmarks.pool_variants import main
 

@@ -26,6 +26,9 @@ from r2m_kernels.triton import pool_common
 
 from .pool_checks import SLACK, assert_within_rule, check_against_reference, make_inputs, pool_and_grads
 
+# The CPU tests run the kernels in the interpreter; the `gpu` ones repeat them on the GPU.
+pytestmark = pytest.mark.interpreter
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
