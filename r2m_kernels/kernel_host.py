@@ -17,6 +17,15 @@ from .reference import accumulation_dtype
 MIN_ROWS_PER_SPLIT = 64
 
 
+def sequences(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
+    """(B, a typical sequence length for choosing splits): S of padded (B, S, D_p) hidden,
+    ceil(N / B) of packed (N, D_p) hidden."""
+    if cu_seqlens is None:
+        return hidden.shape[0], hidden.shape[1]
+    batch = cu_seqlens.shape[0] - 1
+    return batch, -(-hidden.shape[0] // batch)
+
+
 def num_splits(programs: int, seq_len: int, device: torch.device) -> int:
     """Flash-decoding splits of each sequence: enough programs for about two waves of the
     GPU, never chunks shorter than MIN_ROWS_PER_SPLIT positions. Off the GPU (the Triton

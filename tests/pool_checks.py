@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import r2m_kernels
 
 SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# The parametrisations every GPU attention-pool test takes.
+GPU_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                                     ids=["bf16", "fp16", "fp32"])
+HIDDEN_GRADS = pytest.mark.parametrize("hidden_grad", [False, True], ids=["dq", "dq+dhidden"])
 
 
 def make_inputs(kind, batch, seq_len, d_p, heads, device="cpu", nan_pads=False):

@@ -28,10 +28,10 @@ from r2m_kernels.reference import attention_pool_torch, grebt_loss_torch
 
 from .cuda_contract import FakeExtension
 from .inputs import make_mask, pack
-from .pool_checks import check_against_reference, make_inputs, pool_and_grads
+from .pool_checks import GPU_DTYPES, HIDDEN_GRADS, check_against_reference, make_inputs, pool_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
-NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
+NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
 CU_FILES = sorted((ROOT / "csrc").glob("*.cu"))
 
 
@@ -81,7 +81,8 @@ def _torch_cuda_includes(tmp_path: Path) -> list[str]:
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")
 def test_binding_compiles_against_torch_headers(tmp_path):
-    flags = ["-std=c++20" if torch.__version__ >= "2.10" else "-std=c++17", "-fsyntax-only",
+    # torch's headers need C++20 from 2.10 on (TorchVersion compares numerically).
+    flags = ["-std=c++20" if torch.__version__ >= (2, 10) else "-std=c++17", "-fsyntax-only",
              "-Wall", "-Wextra", "-DTORCH_EXTENSION_NAME=_cuda", f"-I{ROOT / 'csrc'}"]
     cmd = ["g++", *flags, *(f"-isystem{p}" for p in _torch_cuda_includes(tmp_path)),
            str(ROOT / "csrc" / "binding.cpp")]
@@ -195,9 +196,8 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", GPU_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("hidden_grad", [False, True], ids=["dq", "dq+dhidden"])
+@GPU_DTYPES
+@HIDDEN_GRADS
 def test_gpu_pool_matches_float64(kind, batch, seq_len, d_p, heads, dtype, hidden_grad):
     check_against_reference(kind, batch, seq_len, d_p, heads, dtype, torch.float32, hidden_grad,
                             device="cuda", nan_pads=True, backend="cuda")

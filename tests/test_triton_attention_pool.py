@@ -24,7 +24,8 @@ from r2m_kernels.triton import attention_pool as triton_pool
 from r2m_kernels.triton import attention_pool_heads as head_dots
 from r2m_kernels.triton import pool_common
 
-from .pool_checks import SLACK, assert_within_rule, check_against_reference, make_inputs, pool_and_grads
+from .pool_checks import (GPU_DTYPES, HIDDEN_GRADS, SLACK, assert_within_rule,
+                          check_against_reference, make_inputs, pool_and_grads)
 
 # The CPU tests run the kernels in the interpreter; the `gpu` ones repeat them on the GPU.
 pytestmark = pytest.mark.interpreter
@@ -299,9 +300,8 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", GPU_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("hidden_grad", [False, True], ids=["dq", "dq+dhidden"])
+@GPU_DTYPES
+@HIDDEN_GRADS
 def test_gpu_matches_float64_reference(kind, batch, seq_len, d_p, heads, dtype, hidden_grad):
     check_against_reference(kind, batch, seq_len, d_p, heads, dtype, torch.float32, hidden_grad,
                             device="cuda")
@@ -319,9 +319,8 @@ GPU_HEAD_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", GPU_HEAD_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("hidden_grad", [False, True], ids=["dq", "dq+dhidden"])
+@GPU_DTYPES
+@HIDDEN_GRADS
 @pytest.mark.parametrize("variant", ["dots", "per-head"])
 def test_gpu_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads, dtype,
                                                 hidden_grad, variant, monkeypatch):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..kernel_host import combine_splits, define_attention_pool_op, num_splits
+from ..kernel_host import combine_splits, define_attention_pool_op, num_splits, sequences
 from . import module, why_not
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,10 +31,7 @@ def _check_supported(hidden: torch.Tensor, q: torch.Tensor) -> None:
 def _rows(hidden, cu_seqlens):
     """(hidden with a contiguous last dim, batch size, a typical sequence length)."""
     rows = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    if cu_seqlens is None:
-        return rows, hidden.shape[0], hidden.shape[1]
-    batch = cu_seqlens.shape[0] - 1
-    return rows, batch, -(-hidden.shape[0] // batch)
+    return (rows, *sequences(hidden, cu_seqlens))
 
 
 def _forward(hidden, q, scale, mask, cu_seqlens):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_host import num_splits  # noqa: F401  (called as common.num_splits: see above)
+from ..kernel_host import num_splits, sequences  # noqa: F401  (common.num_splits: see above)
 
 
 @triton.jit
@@ -73,12 +73,8 @@ def layout(hidden, mask, cu_seqlens):
     dummy), hidden's batch stride, a typical sequence length for choosing splits, and the
     number of rows of hidden (B * S padded, N packed)."""
     packed = cu_seqlens is not None
-    if packed:
-        batch, seq_len, stride_hb = cu_seqlens.shape[0] - 1, 0, 0
-        typical = triton.cdiv(hidden.shape[0], batch)
-    else:
-        batch, seq_len, stride_hb = hidden.shape[0], hidden.shape[1], hidden.stride(0)
-        typical = seq_len
+    batch, typical = sequences(hidden, cu_seqlens)
+    seq_len, stride_hb = (0, 0) if packed else (hidden.shape[1], hidden.stride(0))
     if mask is not None:
         mask = (mask != 0).view(torch.uint8)
         mask_args = (mask, mask.stride(0), mask.stride(1))
