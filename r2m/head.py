@@ -1,4 +1,4 @@
-"""R2MHead: the reward-token embedding attends to the policy's hidden states (DESIGN §1.2)."""
+"""R2MHead: the reward-token embedding attends to the policy's hidden states (docs/design.md §1.2)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r2m_kernels import dispatch
-from r2m_kernels.reference import accumulation_dtype, padded_sequences
+import r2m_kernels
 from r2m_kernels.validation import check_finite, check_int, check_scalar, check_tensor, validate_sequences
 
 from .schedule import omega as omega_schedule
 
-HEAD_BACKENDS = ("auto", "eager") + dispatch.BACKENDS
+HEAD_BACKENDS = ("auto", "eager") + r2m_kernels.BACKENDS
 
 
 class R2MHead(nn.Module):
@@ -27,8 +26,9 @@ class R2MHead(nn.Module):
     benchmark compares against); "torch", "triton", "cuda" fold the query into W_k
     (q~ = q W_k^T per head) so the only pass over the hidden states is
     r2m_kernels.attention_pool, and take the attended vector to the reward with
-    r2m_kernels.score_mix without forming H_fin; "auto" takes each op's first backend that
-    runs on the tensors' device (dispatch.AUTO_ORDER).
+    r2m_kernels.score_mix without forming H_fin; "auto" lets each op take the first backend
+    that can run its inputs (docs/design.md §7). The head calls those public functions as a
+    user would, so their validation and backend choice apply unchanged.
 
     Parameters stay fp32 unless the module is cast. `rte` and `hidden` may be 16-bit; the
     rewards are fp32.
@@ -100,8 +100,14 @@ class R2MHead(nn.Module):
             raise ValueError("step needs total_steps: construct R2MHead(..., total_steps=T) or pass omega")
         return omega_schedule(step, self.total_steps, self.omega_floor)
 
-    def _check(self, rte, hidden, mask, cu_seqlens) -> None:
-        batch = validate_sequences(hidden, mask, cu_seqlens)
+    def _check(self, rte, hidden, mask, cu_seqlens, *, sequences: bool) -> None:
+        """The head's own checks (rte, policy_dim, devices). `sequences`: also validate hidden,
+        mask and cu_seqlens, which attention_pool otherwise does (the eager path has no
+        attention_pool call)."""
+        if sequences:
+            batch = validate_sequences(hidden, mask, cu_seqlens)[0]
+        else:
+            batch = _sequence_count(hidden, mask, cu_seqlens)
         check_tensor("rte", rte, ranks=(2,), device=hidden.device)
         if rte.shape != (batch, self.rm_dim):
             raise ValueError(f"rte must have shape (B, rm_dim) = ({batch}, {self.rm_dim}), got {tuple(rte.shape)}")
@@ -115,12 +121,12 @@ class R2MHead(nn.Module):
 
     def _attend_eager(self, q, hidden, mask, cu_seqlens):
         """The paper's formula: K and V materialised, (B, S, d) each, in hidden's dtype."""
-        hidden, mask = padded_sequences(hidden, mask, cu_seqlens)
+        hidden, mask = r2m_kernels.padded_sequences(hidden, mask, cu_seqlens)
         b, s, _ = hidden.shape
         n_h, d_h = self.num_heads, self.head_dim
         k = F.linear(hidden, self.k_proj.weight.to(hidden.dtype)).view(b, s, n_h, d_h)
         v = F.linear(hidden, self.v_proj.weight.to(hidden.dtype)).view(b, s, n_h, d_h)
-        acc = accumulation_dtype(hidden.dtype)
+        acc = r2m_kernels.accumulation_dtype(hidden.dtype)
         scores = torch.einsum("bjd,bsjd->bjs", q.to(hidden.dtype), k).to(acc) / math.sqrt(d_h)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
@@ -128,18 +134,18 @@ class R2MHead(nn.Module):
         return torch.einsum("bjs,bsjd->bjd", weights.to(hidden.dtype), v)
 
     def _attend_folded(self, q, hidden, mask, cu_seqlens):
-        """DESIGN §2: q~_j = q_j W_k[:, j]^T, p_j = attention_pool(h, q~_j), c_j = p_j W_v[:, j]."""
+        """docs/design.md §2.1: q~_j = q_j W_k[:, j]^T, p_j = attention_pool(h, q~_j), c_j = p_j W_v[:, j]."""
         n_h, d_h = self.num_heads, self.head_dim
-        _, pool = dispatch.resolve("attention_pool", self.backend, hidden.device)
         w_k = self.k_proj.weight.view(n_h, d_h, self.policy_dim)
         w_v = self.v_proj.weight.view(n_h, d_h, self.policy_dim)
         q_tilde = torch.einsum("bjd,jdp->bjp", q, w_k)
-        pooled = pool(hidden, q_tilde, 1.0 / math.sqrt(d_h), mask=mask, cu_seqlens=cu_seqlens)
+        pooled = r2m_kernels.attention_pool(hidden, q_tilde, 1.0 / math.sqrt(d_h), mask=mask,
+                                            cu_seqlens=cu_seqlens, backend=self.backend)
         return torch.einsum("bjp,jdp->bjd", pooled.to(w_v.dtype), w_v)
 
     def attend(self, rte, hidden, *, mask=None, cu_seqlens=None) -> torch.Tensor:
         """H_hat (B, rm_dim) in the parameters' dtype: the attention block's output."""
-        self._check(rte, hidden, mask, cu_seqlens)
+        self._check(rte, hidden, mask, cu_seqlens, sequences=self.backend == "eager")
         rte = rte.to(self.q_proj.weight.dtype)
         q = self.q_proj(rte).view(rte.shape[0], self.num_heads, self.head_dim)
         attend = self._attend_eager if self.backend == "eager" else self._attend_folded
@@ -167,7 +173,7 @@ class R2MHead(nn.Module):
             rewards = self.score(self.embed(rte, hidden, mask=mask, cu_seqlens=cu_seqlens, omega=omega_t))
             rewards = rewards.squeeze(-1)
             return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-        self._check(rte, hidden, mask, cu_seqlens)
+        self._check(rte, hidden, mask, cu_seqlens, sequences=False)
         rte = rte.to(self.q_proj.weight.dtype)
         q = self.q_proj(rte).view(rte.shape[0], self.num_heads, self.head_dim)
         attended = self._attend_folded(q, hidden, mask, cu_seqlens).reshape(rte.shape[0], self.attn_dim)
@@ -175,6 +181,15 @@ class R2MHead(nn.Module):
         # score(rte); a fused kernel's dot product rounds differently, so omega = 1 (step 0)
         # always takes the torch op, whatever the backend.
         mix_backend = "torch" if omega_t == 1.0 else self.backend
-        _, mix = dispatch.resolve("score_mix", mix_backend, rte.device)
-        return mix(attended.to(self.o_proj.weight.dtype), rte, self.o_proj.weight, self.score.weight,
-                   self.score.bias, omega_t)
+        return r2m_kernels.score_mix(attended.to(self.o_proj.weight.dtype), rte, self.o_proj.weight,
+                                     self.score.weight, self.score.bias, omega=omega_t, backend=mix_backend)
+
+
+def _sequence_count(hidden, mask, cu_seqlens) -> int:
+    """B from the shapes alone (no sync); malformed inputs get validation's error here."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        return hidden.shape[0]
+    if (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and isinstance(cu_seqlens, torch.Tensor)
+            and cu_seqlens.dim() == 1):
+        return cu_seqlens.shape[0] - 1
+    return validate_sequences(hidden, mask, cu_seqlens)[0]

@@ -1,11 +1,11 @@
-"""GREBTLoss: the module form of r2m_kernels.grebt_loss (DESIGN §1.3)."""
+"""GREBTLoss: the module form of r2m_kernels.grebt_loss (docs/design.md §1.3)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from r2m_kernels import dispatch, grebt_loss
+from r2m_kernels import BACKENDS, grebt_loss
 from r2m_kernels.validation import REDUCTIONS, check_scalar
 
 
@@ -23,8 +23,8 @@ class GREBTLoss(nn.Module):
         self.eps = check_scalar("eps", eps, low=0.0, low_open=True)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend != "auto" and backend not in dispatch.BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + dispatch.BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.reduction, self.backend = reduction, backend
 
     def extra_repr(self) -> str:

@@ -4,13 +4,15 @@ Knows nothing of transformers; `r2m` builds the model and training layer on top 
 """
 
 from . import dispatch, reference
-from .dispatch import BackendUnavailableError, available_backends
+from .dispatch import BACKENDS, BackendUnavailableError, available_backends, why_unavailable
 from .interface import attention_pool, grebt_loss, score_mix
+from .reference import accumulation_dtype, padded_sequences
 from .validation import finite_checks
 
 __version__ = "0.1.0"
-__all__ = ["attention_pool", "grebt_loss", "score_mix", "available_backends", "finite_checks",
-           "BackendUnavailableError", "__version__"]
+__all__ = ["attention_pool", "grebt_loss", "score_mix", "available_backends", "why_unavailable", "finite_checks",
+           "BackendUnavailableError", "BACKENDS", "padded_sequences", "accumulation_dtype",
+           "__version__"]
 
 
 def _runs_anywhere(device):

@@ -1,4 +1,5 @@
-"""Public functional API: validate, pick a backend, call it."""
+"""Public functional API: validate (validation.py), pick a backend for these inputs
+(dispatch.py), call it."""
 
 from __future__ import annotations
 
@@ -24,15 +25,15 @@ def attention_pool(hidden: torch.Tensor, q: torch.Tensor, scale: float, *, mask=
     Returns:
         pooled (B, n_h, D_p) in hidden.dtype. Softmax and accumulation are fp32.
     """
-    scale = validate_attention_pool(hidden, q, scale, mask, cu_seqlens)
-    _, fn = dispatch.resolve("attention_pool", backend, hidden.device)
-    return fn(hidden, q, scale, mask=mask, cu_seqlens=cu_seqlens)
+    inputs = validate_attention_pool(hidden, q, scale, mask, cu_seqlens)
+    _, fn = dispatch.resolve("attention_pool", backend, inputs)
+    return fn(inputs.hidden, inputs.q, inputs.scale, mask=inputs.mask, cu_seqlens=inputs.cu_seqlens)
 
 
 def grebt_loss(rewards: torch.Tensor, group_size: int | None = None, *, cu_groups=None,
                alpha: float = 0.3, eps: float = 1e-6, reduction: str = "mean",
                backend: str = "auto") -> torch.Tensor:
-    """Group Reward Entropy Bradley-Terry loss (DESIGN §1.3).
+    """Group Reward Entropy Bradley-Terry loss (docs/design.md §1.3).
 
     Per group: (1 - alpha) * -log sigmoid(r_max - r_min) + alpha * entropy(softmax(z)),
     z = (r - mean) / (population std + eps); the (max, min) pair is selected, not
@@ -47,16 +48,17 @@ def grebt_loss(rewards: torch.Tensor, group_size: int | None = None, *, cu_group
     Returns:
         fp32 loss (fp64 for fp64 rewards).
     """
-    alpha, eps, _ = validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction)
-    _, fn = dispatch.resolve("grebt_loss", backend, rewards.device)
-    return fn(rewards, group_size=group_size, cu_groups=cu_groups, alpha=alpha, eps=eps,
-              reduction=reduction)
+    inputs = validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction)
+    _, fn = dispatch.resolve("grebt_loss", backend, inputs)
+    return fn(inputs.rewards, group_size=inputs.group_size, cu_groups=inputs.cu_groups,
+              alpha=inputs.alpha, eps=inputs.eps, reduction=inputs.reduction,
+              max_group=inputs.max_group)
 
 
 def score_mix(attended: torch.Tensor, rte: torch.Tensor, out_weight: torch.Tensor,
               score_weight: torch.Tensor, score_bias=None, *, omega: float,
               backend: str = "auto") -> torch.Tensor:
-    """R2M's reward from the attended vector (DESIGN §1.2), without materialising H_fin:
+    """R2M's reward from the attended vector (docs/design.md §1.2), without materialising H_fin:
 
         reward = phi((1 - omega) * attended W_o^T + omega * rte),   phi(x) = x . w + b
                = (1 - omega) * attended . (W_o^T w) + omega * rte . w + b
@@ -71,6 +73,6 @@ def score_mix(attended: torch.Tensor, rte: torch.Tensor, out_weight: torch.Tenso
     Returns:
         rewards (B,), fp32 (fp64 for an fp64 score head); differentiable in every tensor.
     """
-    omega = validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega)
-    _, fn = dispatch.resolve("score_mix", backend, attended.device)
-    return fn(attended, rte, out_weight, score_weight, score_bias, omega)
+    inputs = validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega)
+    _, fn = dispatch.resolve("score_mix", backend, inputs)
+    return fn(*inputs)

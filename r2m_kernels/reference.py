@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,45 +34,72 @@ def padded_sequences(hidden: torch.Tensor, mask=None, cu_seqlens=None):
     return hidden.masked_fill(~mask[..., None], 0), mask
 
 
+# The 16-bit path works on chunks of sequences whose fp32 copy of hidden holds at most this many
+# elements (64 MiB); the copy is recomputed in the backward instead of being kept.
+FP32_CHUNK_ELEMENTS = 1 << 24
+
+
+def _pool_in(acc: torch.dtype, hidden, q, scale, mask):
+    """The folded pool of padded hidden (B, S, D_p) with every product in `acc`."""
+    rows = hidden.to(acc)
+    scores = torch.matmul(q.to(acc), rows.transpose(1, 2)) * scale  # (B, n_h, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), rows).to(hidden.dtype)
+
+
 def attention_pool_torch(hidden, q, scale, mask=None, cu_seqlens=None):
     """pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t] over valid t.
 
     hidden (B, S, D_p) [+ mask (B, S)] or (N, D_p) + cu_seqlens (B+1,); q (B, n_h, D_p).
-    The two products run as matmuls in hidden's dtype (fp32 accumulation inside; for 16-bit
-    hidden, q and the scores are rounded to that dtype, as in the eager formula); the
-    softmax is fp32 (fp64 for fp64 input). Returns (B, n_h, D_p) in hidden.dtype.
+    Scores, softmax and both products are fp32 (fp64 for fp64 hidden), so large 16-bit
+    hidden states cannot overflow the scores. For 16-bit hidden the fp32 copy is made a chunk
+    of sequences at a time and recomputed in the backward (activation checkpointing), so the
+    extra memory stays near one chunk. Returns (B, n_h, D_p) in hidden.dtype.
     """
     hidden, mask = padded_sequences(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
-    scores = torch.matmul(q.to(hidden.dtype), hidden.transpose(1, 2)).to(acc) * scale  # (B, n_h, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return torch.matmul(weights.to(hidden.dtype), hidden)
+    if hidden.dtype == acc:
+        return _pool_in(acc, hidden, q, scale, mask)
+    per_chunk = max(1, FP32_CHUNK_ELEMENTS // (hidden.shape[1] * hidden.shape[2]))
+    # split, not slicing: its backward concatenates the chunks' gradients instead of
+    # scattering each into a zero tensor of the whole size.
+    masks = [None] * hidden.shape[0] if mask is None else mask.split(per_chunk)
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or q.requires_grad)
+    parts = []
+    for rows, q_rows, mask_rows in zip(hidden.split(per_chunk), q.split(per_chunk), masks):
+        if keep_graph:
+            parts.append(checkpoint(_pool_in, acc, rows, q_rows, scale, mask_rows, use_reentrant=False))
+        else:
+            parts.append(_pool_in(acc, rows, q_rows, scale, mask_rows))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _group_view(x: torch.Tensor, group_size, cu_groups, fill: float):
+def _group_view(x: torch.Tensor, group_size, cu_groups, fill: float, max_group=None):
     """Rewards (B,) -> (G, K_max) with `fill` in the padding, and the (G, K_max) validity mask
     (None for uniform groups)."""
     if group_size is not None:
         return x.view(-1, group_size), None
     sizes = (cu_groups[1:] - cu_groups[:-1]).long()
-    k_max = int(sizes.max())
+    k_max = int(sizes.max()) if max_group is None else max_group
     pos = torch.arange(k_max, device=x.device)
     valid = pos[None, :] < sizes[:, None]
     index = (cu_groups[:-1].long()[:, None] + pos[None, :]).clamp_max(x.shape[0] - 1)
     return x[index].masked_fill(~valid, fill), valid
 
 
-def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean"):
-    """GREBT loss (DESIGN §1.3) per group of rewards; fp32 math, fp32 result.
+def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
+                     max_group=None):
+    """GREBT loss (docs/design.md §1.3) per group of rewards; fp32 math, fp32 result (fp64 for
+    fp64 rewards).
 
-    rewards (B,); uniform groups of `group_size` or ragged groups given by cu_groups (G+1,).
-    Returns a scalar for "mean"/"sum", (G,) for "none".
+    rewards (B,); uniform groups of `group_size` or ragged groups given by cu_groups (G+1,)
+    (max_group: the largest group, when the caller knows it). Returns a scalar for
+    "mean"/"sum", (G,) for "none".
     """
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc)
-    g, valid = _group_view(r, group_size, cu_groups, 0.0)
+    g, valid = _group_view(r, group_size, cu_groups, 0.0, max_group)
     count = g.new_full((g.shape[0],), float(g.shape[1])) if valid is None else valid.sum(1).to(acc)
 
     # The (max, min) pair is selected, not differentiated: first index of each on ties.

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,50 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 _check_finite = os.environ.get("R2M_CHECK_FINITE", "0") not in ("", "0", "false", "False")
+
+
+class PoolInputs(NamedTuple):
+    """attention_pool's arguments after validation (cu_seqlens made contiguous)."""
+    hidden: torch.Tensor
+    q: torch.Tensor
+    scale: float
+    mask: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+
+class GrebtInputs(NamedTuple):
+    """grebt_loss's arguments after validation (cu_groups made contiguous), with the number of
+    groups and the largest group size (None while torch.compile traces: it needs the values)."""
+    rewards: torch.Tensor
+    group_size: int | None
+    cu_groups: torch.Tensor | None
+    alpha: float
+    eps: float
+    reduction: str
+    num_groups: int
+    max_group: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rewards.device
+
+
+class ScoreMixInputs(NamedTuple):
+    """score_mix's arguments after validation."""
+    attended: torch.Tensor
+    rte: torch.Tensor
+    out_weight: torch.Tensor
+    score_weight: torch.Tensor
+    score_bias: torch.Tensor | None
+    omega: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.attended.device
 
 
 @contextlib.contextmanager
@@ -58,20 +103,25 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_offsets(name: str, offsets, total: int, total_name: str, device) -> int:
-    """int32 (n+1,) offsets, starting at 0, strictly increasing, ending at `total`. Returns n."""
+def check_offsets(name: str, offsets, total: int, total_name: str, device):
+    """int32 (n+1,) offsets, starting at 0, strictly increasing, ending at `total`, of any
+    stride. Returns (n, the offsets contiguous, the longest segment or None while tracing)."""
     check_tensor(name, offsets, ranks=(1,), dtypes=(torch.int32,), device=device)
     if offsets.numel() < 2:
         raise ValueError(f"{name} must have at least 2 entries (n+1 offsets), got shape {_shape(offsets)}")
+    offsets = offsets.contiguous()  # the kernels index them as a plain array
+    longest = None
     if not _tracing():
-        first, last = int(offsets[0]), int(offsets[-1])
+        sizes = offsets[1:] - offsets[:-1]
+        # One transfer for every value the checks need.
+        first, last, smallest, longest = torch.stack([offsets[0], offsets[-1], sizes.min(), sizes.max()]).tolist()
         if first != 0:
             raise ValueError(f"{name}[0] must be 0, got {first}")
         if last != total:
             raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {last}")
-        if not bool((offsets[1:] > offsets[:-1]).all()):
+        if smallest <= 0:
             raise ValueError(f"{name} must be strictly increasing (every segment non-empty)")
-    return offsets.numel() - 1
+    return offsets.numel() - 1, offsets, longest
 
 
 def check_scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
@@ -95,9 +145,9 @@ def check_int(name: str, value, *, low: int) -> int:
     return value
 
 
-def validate_sequences(hidden, mask, cu_seqlens) -> int:
+def validate_sequences(hidden, mask, cu_seqlens) -> tuple[int, torch.Tensor | None]:
     """Check a batch of sequences: hidden (B, S, D_p) padded, optionally with mask (B, S); or
-    (N, D_p) packed with cu_seqlens (B+1,) int32. Returns B."""
+    (N, D_p) packed with cu_seqlens (B+1,) int32. Returns (B, cu_seqlens made contiguous)."""
     check_tensor("hidden", hidden, ranks=(2, 3))
     device = hidden.device
     if hidden.shape[-1] == 0:
@@ -114,7 +164,8 @@ def validate_sequences(hidden, mask, cu_seqlens) -> int:
             raise ValueError(f"packed hidden {_shape(hidden)} (N, D_p) needs cu_seqlens (B+1,) int32")
         if mask is not None:
             raise ValueError("mask is for padded hidden (B, S, D_p); packed hidden uses cu_seqlens")
-        batch = check_offsets("cu_seqlens", cu_seqlens, hidden.shape[0], "hidden.shape[0] (N)", device)
+        batch, cu_seqlens, _ = check_offsets("cu_seqlens", cu_seqlens, hidden.shape[0], "hidden.shape[0] (N)",
+                                             device)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -131,13 +182,13 @@ def validate_sequences(hidden, mask, cu_seqlens) -> int:
                 raise ValueError(f"mask has rows with no valid position (rows {rows}); "
                                  "attention over an empty row is undefined")
     check_finite("hidden", hidden)
-    return batch
+    return batch, cu_seqlens
 
 
-def validate_attention_pool(hidden, q, scale, mask, cu_seqlens) -> float:
+def validate_attention_pool(hidden, q, scale, mask, cu_seqlens) -> PoolInputs:
     """Check the inputs of attention_pool: the sequences (validate_sequences), q (B, n_h, D_p)
-    of a floating dtype on hidden's device, a finite scale. Returns scale as a float."""
-    batch = validate_sequences(hidden, mask, cu_seqlens)
+    of a floating dtype on hidden's device, a finite scale."""
+    batch, cu_seqlens = validate_sequences(hidden, mask, cu_seqlens)
     check_tensor("q", q, ranks=(3,), device=hidden.device)
     d_p = hidden.shape[-1]
     if q.shape[0] != batch or q.shape[2] != d_p:
@@ -145,11 +196,11 @@ def validate_attention_pool(hidden, q, scale, mask, cu_seqlens) -> float:
     if q.shape[1] == 0:
         raise ValueError(f"q must have at least one head, got shape {_shape(q)}")
     check_finite("q", q)
-    return check_scalar("scale", scale)
+    return PoolInputs(hidden, q, check_scalar("scale", scale), mask, cu_seqlens)
 
 
-def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction):
-    """Check the inputs of grebt_loss. Returns (alpha, eps, num_groups)."""
+def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction) -> GrebtInputs:
+    """Check the inputs of grebt_loss."""
     check_tensor("rewards", rewards, ranks=(1,))
     n = rewards.shape[0]
     if n == 0:
@@ -160,21 +211,21 @@ def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction):
         check_int("group_size", group_size, low=1)
         if n % group_size:
             raise ValueError(f"group_size = {group_size} does not divide the number of rewards B = {n}")
-        groups = n // group_size
+        groups, max_group = n // group_size, group_size
     else:
-        groups = check_offsets("cu_groups", cu_groups, n, "rewards.shape[0] (B)", rewards.device)
+        groups, cu_groups, max_group = check_offsets("cu_groups", cu_groups, n, "rewards.shape[0] (B)",
+                                                     rewards.device)
     alpha = check_scalar("alpha", alpha, low=0.0, high=1.0)
     eps = check_scalar("eps", eps, low=0.0, low_open=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_finite("rewards", rewards)
-    return alpha, eps, groups
+    return GrebtInputs(rewards, group_size, cu_groups, alpha, eps, reduction, groups, max_group)
 
 
-def validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega) -> float:
+def validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omega) -> ScoreMixInputs:
     """Check the inputs of score_mix: attended (B, d), rte (B, D_rm), out_weight (D_rm, d),
-    score_weight (1, D_rm), score_bias (1,) or None, all on one device; omega in [0, 1].
-    Returns omega as a float."""
+    score_weight (1, D_rm), score_bias (1,) or None, all on one device; omega in [0, 1]."""
     check_tensor("attended", attended, ranks=(2,))
     device = attended.device
     check_tensor("rte", rte, ranks=(2,), device=device)
@@ -200,4 +251,5 @@ def validate_score_mix(attended, rte, out_weight, score_weight, score_bias, omeg
             raise ValueError(f"score_bias must have shape (1,), got {_shape(score_bias)}")
     check_finite("attended", attended)
     check_finite("rte", rte)
-    return check_scalar("omega", omega, low=0.0, high=1.0)
+    omega = check_scalar("omega", omega, low=0.0, high=1.0)
+    return ScoreMixInputs(attended, rte, out_weight, score_weight, score_bias, omega)

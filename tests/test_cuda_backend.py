@@ -20,11 +20,12 @@ import torch
 
 import r2m_kernels
 from r2m import R2MHead
-from r2m_kernels import BackendUnavailableError, dispatch
+from r2m_kernels import BackendUnavailableError, splits
 from r2m_kernels.cuda import attention_pool as cuda_pool
 from r2m_kernels.cuda import build
 from r2m_kernels.cuda import grebt as cuda_grebt
 from r2m_kernels.reference import attention_pool_torch, grebt_loss_torch
+from r2m_kernels.validation import validate_attention_pool
 
 from .cuda_contract import FakeExtension
 from .inputs import make_mask, pack
@@ -106,17 +107,18 @@ def test_cpu_tensors_get_a_clear_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
 def test_why_not_on_a_cuda_device_says_what_is_missing():
-    reason = dispatch._why_not("attention_pool", "cuda", torch.device("cuda"))
+    reason = r2m_kernels.why_unavailable("cuda", "attention_pool", "cuda")
     assert reason and "r2m_kernels._cuda" in reason
 
 
 def test_unsupported_dtypes_and_sizes_are_named():
-    with pytest.raises(TypeError, match="float64"):
-        cuda_pool._check_supported(torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 1, 4))
-    with pytest.raises(ValueError, match="n_h <= 64"):
-        cuda_pool._check_supported(torch.zeros(1, 2, 4), torch.zeros(1, 65, 4))
-    with pytest.raises(ValueError, match="D_p <= 16384"):
-        cuda_pool._check_supported(torch.zeros(1, 2, 16385), torch.zeros(1, 1, 16385))
+    def reason(hidden, q):
+        return cuda_pool.why_not_inputs(validate_attention_pool(hidden, q, 1.0, None, None))
+
+    assert "float64" in reason(torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 1, 4))
+    assert "n_h <= 64" in reason(torch.zeros(1, 2, 4), torch.zeros(1, 65, 4))
+    assert "D_p <= 16384" in reason(torch.zeros(1, 2, 16385), torch.zeros(1, 1, 16385))
+    assert reason(torch.zeros(1, 2, 16384, dtype=torch.bfloat16), torch.zeros(1, 64, 16384)) is None
 
 
 # --- the host side against the launchers' contract ------------------------------------------
@@ -132,7 +134,7 @@ def fake_extension(monkeypatch):
 @pytest.mark.parametrize("layout", ["holes", "left", "packed"])
 @pytest.mark.parametrize("n_split", [1, 3])
 def test_host_side_matches_float64(layout, n_split, fake_extension, monkeypatch):
-    monkeypatch.setattr(cuda_pool, "num_splits", lambda programs, seq_len, device: n_split)
+    monkeypatch.setattr(splits, "num_splits", lambda programs, seq_len, device: n_split)
     batch, seq_len, d_p, heads, scale = 3, 40, 6, 2, 0.7  # 3 splits: chunks of 16, 16, 8
     mask = make_mask(batch, seq_len, "holes" if layout == "holes" else "left")
     hidden64 = torch.randn(batch, seq_len, d_p, dtype=torch.float64)
@@ -168,7 +170,7 @@ def test_grebt_host_side_matches_float64(reduction, fake_extension):
         r32 = r64.detach().float().requires_grad_()
         size = kwargs.get("group_size")
         ref = grebt_loss_torch(r64, size, kwargs.get("cu_groups"), 0.3, 1e-6, reduction)
-        got = cuda_grebt._grebt_op(r32, size, kwargs.get("cu_groups"), 0.3, 1e-6, reduction, True)[0]
+        got = cuda_grebt._grebt_op(r32, size, kwargs.get("cu_groups"), None, 0.3, 1e-6, reduction, True)[0]
         grad_out = torch.randn(ref.shape, dtype=torch.float64)
         ref.backward(grad_out)
         got.backward(grad_out.float())
@@ -209,7 +211,7 @@ def test_gpu_pool_matches_float64(kind, batch, seq_len, d_p, heads, dtype, hidde
 def test_gpu_pool_matches_triton(n_split, dtype, monkeypatch):
     """The two compiled backends agree on the same inputs, forcing the number of splits of
     the cuda kernels (each backend is also held to float64 above)."""
-    monkeypatch.setattr(cuda_pool, "num_splits", lambda programs, seq_len, device: n_split)
+    monkeypatch.setattr(splits, "num_splits", lambda programs, seq_len, device: n_split)
     hidden, q, mask, cu = make_inputs("holes", 6, 700, 2048, 4, "cuda")
     grad = torch.randn(6, 4, 2048, dtype=torch.float64, device="cuda")
     low = (hidden.to(dtype), q.float())

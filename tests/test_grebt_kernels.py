@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from r2m import GREBTLoss
-from r2m_kernels import dispatch, grebt_loss
+from r2m_kernels import BackendUnavailableError, dispatch, grebt_loss
+from r2m_kernels.validation import validate_grebt
 from r2m_kernels.triton import grebt as triton_grebt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,13 +190,14 @@ def test_module_uses_the_backend(backend):
 
 def test_a_group_beyond_the_tile_limit_is_a_clear_error(backend):
     rewards = torch.zeros(triton_grebt.MAX_GROUP_SIZE + 1, device=DEVICE)
-    with pytest.raises(ValueError, match="groups of up to"):
+    with pytest.raises(BackendUnavailableError, match="groups of up to"):
         grebt_loss(rewards, rewards.numel(), backend=backend)
 
 
 @pytest.mark.gpu
 def test_gpu_auto_picks_a_compiled_backend_and_matches_at_scale(backend):
-    name, _ = dispatch.resolve("grebt_loss", "auto", torch.device("cuda"))
+    inputs = validate_grebt(torch.zeros(8, device="cuda"), 4, None, 0.3, 1e-6, "mean")
+    name, _ = dispatch.resolve("grebt_loss", "auto", inputs)
     assert name in ("cuda", "triton")
     rewards = torch.randn(16384 * 8, dtype=torch.float64)
     check_against_reference(rewards, backend, group_size=8, alpha=0.3)

@@ -5,7 +5,7 @@ On the CPU the kernels run in Triton's interpreter (fp32 and fp16, small odd sha
 write is poisoned with NaN first, so a position they fail to write shows up as NaN.
 
 Both variants are checked: the per-head kernels (attention_pool.py) and the many-head
-tensor-core kernels (attention_pool_heads.py), each at several n_h, by moving the threshold
+tensor-core kernels (attention_pool_many_heads.py), each at several n_h, by moving the threshold
 MANY_HEADS_MIN that picks between them.
 
 The rule: the triton result's max error against float64 is at most twice the error of the
@@ -21,8 +21,9 @@ import r2m_kernels
 from r2m import R2MHead
 from r2m_kernels import dispatch
 from r2m_kernels.triton import attention_pool as triton_pool
-from r2m_kernels.triton import attention_pool_heads as head_dots
-from r2m_kernels.triton import pool_common
+from r2m_kernels import splits
+from r2m_kernels.triton import attention_pool_many_heads as many_heads
+from r2m_kernels.triton import utils as triton_utils
 
 from .pool_checks import (GPU_DTYPES, HIDDEN_GRADS, SLACK, assert_within_rule,
                           check_against_reference, make_inputs, pool_and_grads)
@@ -35,37 +36,37 @@ def poison_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(pool_common, "empty", nan_empty)
+    monkeypatch.setattr(triton_utils, "empty", nan_empty)
 
 
 @pytest.fixture
 def splits_used(monkeypatch):
     """The number of flash-decoding splits of every kernel launch, in order."""
-    used, choose = [], pool_common.num_splits
+    used, choose = [], splits.num_splits
 
     def recording(*args):
         used.append(choose(*args))
         return used[-1]
 
-    monkeypatch.setattr(pool_common, "num_splits", recording)
+    monkeypatch.setattr(splits, "num_splits", recording)
     return used
 
 
 @pytest.fixture
-def dots_calls(monkeypatch):
+def many_heads_calls(monkeypatch):
     """The many-head variant's host calls ("forward", "backward"), in order."""
     calls = []
     for name in ("forward", "backward"):
-        def recording(*args, _name=name, _fn=getattr(head_dots, f"pool_{name}")):
+        def recording(*args, _name=name, _fn=getattr(many_heads, f"pool_{name}")):
             calls.append(_name)
             return _fn(*args)
-        monkeypatch.setattr(head_dots, f"pool_{name}", recording)
+        monkeypatch.setattr(many_heads, f"pool_{name}", recording)
     return calls
 
 
 def use_variant(monkeypatch, variant):
-    """Make attention_pool take `variant` ("dots" or "per-head") at every n_h."""
-    monkeypatch.setattr(head_dots, "MANY_HEADS_MIN", 1 if variant == "dots" else 10**9)
+    """Make attention_pool take `variant` ("many-heads" or "per-head") at every n_h."""
+    monkeypatch.setattr(many_heads, "MANY_HEADS_MIN", 1 if variant == "many-heads" else 10**9)
 
 
 # (kind, B, S, D_p, n_h, split). The interpreter pretends to have 2 SMs: fewer than 4
@@ -108,12 +109,12 @@ DOT_CASES = [
 
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads,split", DOT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_head_dots_match_float64_reference(kind, batch, seq_len, d_p, heads, split, dtype,
-                                           splits_used, dots_calls, monkeypatch):
-    use_variant(monkeypatch, "dots")
+def test_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads, split, dtype,
+                                           splits_used, many_heads_calls, monkeypatch):
+    use_variant(monkeypatch, "many-heads")
     check_against_reference(kind, batch, seq_len, d_p, heads, dtype, dtype, hidden_grad=True,
                             nan_pads=True)
-    assert dots_calls == ["forward", "backward"]
+    assert many_heads_calls == ["forward", "backward"]
     # Score pass and pooling pass forward; dscores pass and dq pass backward.
     assert len(splits_used) == 4 and any(n > 1 for n in splits_used) == split
 
@@ -127,26 +128,26 @@ def test_per_head_variant_at_many_heads(kind, batch, seq_len, d_p, heads, monkey
 
 
 @pytest.mark.parametrize("kind,heads", [("holes", 4), ("packed", 16)])
-def test_head_dots_fp16_hidden_fp32_q_without_hidden_grad(kind, heads, dots_calls):
+def test_many_heads_fp16_hidden_fp32_q_without_hidden_grad(kind, heads, many_heads_calls):
     """R2M's case at the default threshold: 16-bit frozen hidden, fp32 folded query, dq only."""
     check_against_reference(kind, 3, 45, 40, heads, torch.float16, torch.float32,
                             hidden_grad=False, nan_pads=True)
-    assert dots_calls == ["forward", "backward"]
+    assert many_heads_calls == ["forward", "backward"]
 
 
-@pytest.mark.parametrize("heads,dtype,dots", [
-    (1, torch.float32, False), (3, torch.float16, False), (head_dots.MANY_HEADS_MIN, torch.float32, True),
+@pytest.mark.parametrize("heads,dtype,many", [
+    (1, torch.float32, False), (3, torch.float16, False), (many_heads.MANY_HEADS_MIN, torch.float32, True),
     (32, torch.float16, True), (16, torch.float64, False)])
-def test_variant_selection(heads, dtype, dots, dots_calls):
+def test_variant_selection(heads, dtype, many, many_heads_calls):
     """Below MANY_HEADS_MIN heads (n_h = 1 included) and for fp64 the per-head kernels run;
     from it on, the many-head ones, forward and backward."""
     hidden, q, _, _ = make_inputs("dense", 1, 3, 16, heads)
     pool_and_grads("triton", hidden.to(dtype), q.to(dtype), 0.5, None, None,
                    torch.randn(1, heads, 16), True)
-    assert dots_calls == (["forward", "backward"] if dots else [])
+    assert many_heads_calls == (["forward", "backward"] if many else [])
 
 
-@pytest.mark.parametrize("variant", ["per-head", "dots"])
+@pytest.mark.parametrize("variant", ["per-head", "many-heads"])
 @pytest.mark.parametrize("batch,seq_len", [(3, 37), (1, 150)], ids=["one-split", "split"])
 def test_scores_far_below_exp_range(variant, batch, seq_len, monkeypatch):
     """Every score near -120 (lse < -88: exp(-lse) overflows fp32) with holes and NaN pads:
@@ -166,8 +167,8 @@ def test_scores_far_below_exp_range(variant, batch, seq_len, monkeypatch):
         assert_within_rule(name, got, want, same_dtype, SLACK[torch.float32])
 
 
-def test_head_dots_non_contiguous_inputs(monkeypatch):
-    use_variant(monkeypatch, "dots")
+def test_many_heads_non_contiguous_inputs(monkeypatch):
+    use_variant(monkeypatch, "many-heads")
     hidden64 = torch.randn(23, 3, 40, dtype=torch.float64).transpose(0, 1)  # (3, 23, 40), strided
     q64 = torch.randn(3, 40, 6, dtype=torch.float64).transpose(1, 2)        # (3, 6, 40), strided
     grad = torch.randn(3, 6, 40, dtype=torch.float64).expand(3, 6, 40)
@@ -209,20 +210,18 @@ def test_float64_matches_reference_tightly(kind, heads):
 
 def test_rejects_what_it_cannot_run():
     wide = torch.randn(1, 1, triton_pool.MAX_D_P + 1)
-    with pytest.raises(ValueError, match="D_p"):
+    with pytest.raises(r2m_kernels.BackendUnavailableError, match="D_p"):
         r2m_kernels.attention_pool(wide, torch.randn(1, 1, wide.shape[-1]), 1.0, backend="triton")
 
 
 def test_registered_with_dispatch():
-    name, fn = dispatch.resolve("attention_pool", "triton", torch.device("cpu"))
-    assert name == "triton" and fn is triton_pool.attention_pool_triton
-    # On CUDA tensors "auto" takes triton (before cuda, until the cuda kernels are measured).
-    cuda = torch.device("cuda")
-    assert "triton" in dispatch.available_backends("attention_pool", cuda)
-    assert dispatch.resolve("attention_pool", "auto", cuda)[0] == "triton"
+    assert dispatch.implementation("attention_pool", "triton") is triton_pool.attention_pool_triton
+    # On CUDA tensors "auto" tries triton first (before cuda, until the cuda kernels are measured).
+    assert "triton" in dispatch.available_backends("attention_pool", "cuda")
+    assert dispatch.AUTO_ORDER["cuda"]["attention_pool"][0] == "triton"
 
 
-@pytest.mark.parametrize("variant", ["per-head", "dots"])
+@pytest.mark.parametrize("variant", ["per-head", "many-heads"])
 def test_custom_op_registration(variant, monkeypatch):
     """Schema, fake (meta) implementation and autograd registration of the op agree with the
     real implementation (torch.library.opcheck), whichever variant runs inside. The packed
@@ -321,7 +320,7 @@ GPU_HEAD_CASES = [
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", GPU_HEAD_CASES)
 @GPU_DTYPES
 @HIDDEN_GRADS
-@pytest.mark.parametrize("variant", ["dots", "per-head"])
+@pytest.mark.parametrize("variant", ["many-heads", "per-head"])
 def test_gpu_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads, dtype,
                                                 hidden_grad, variant, monkeypatch):
     use_variant(monkeypatch, variant)
@@ -330,7 +329,7 @@ def test_gpu_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads
 
 
 @pytest.mark.gpu
-def test_gpu_head_dots_peak_extra_memory():
+def test_gpu_many_heads_peak_extra_memory():
     """At DESIGN §6 `heads` (B 512, S 1024, D_p 4096, n_h 16, bf16) the many-head variant's
     memory beyond inputs and outputs is its fp32 (n_h, B * S) buffer, 32 MiB, in the forward
     and in the backward (dq alone, and with dhidden)."""
@@ -350,10 +349,10 @@ def test_gpu_head_dots_peak_extra_memory():
         kept = sum(t.numel() * t.element_size() for t in outputs)
         return torch.cuda.max_memory_allocated() - before - kept
 
-    pooled, lse = head_dots.pool_forward(hidden, q, 0.1, None, None)
-    assert extra(lambda: head_dots.pool_forward(hidden, q, 0.1, None, None)) <= buffer + 2**20
+    pooled, lse = many_heads.pool_forward(hidden, q, 0.1, None, None)
+    assert extra(lambda: many_heads.pool_forward(hidden, q, 0.1, None, None)) <= buffer + 2**20
     for need_dhidden in (False, True):
-        used = extra(lambda: head_dots.pool_backward(grad, hidden, q, pooled, lse, 0.1, None, None,
+        used = extra(lambda: many_heads.pool_backward(grad, hidden, q, pooled, lse, 0.1, None, None,
                                                      need_dhidden))
         assert used <= buffer + 2**20, f"need_dhidden={need_dhidden}: {used / 2**20:.1f} MiB"
 

@@ -7,7 +7,7 @@ full update of a transformer reward model (rm_update.py) beside that step.
 
 The baseline row of each op is what the speedups divide: `eager` is the paper's formula as
 written (K and V materialised) for pool/head/update and the torch reference called directly
-for grebt; `rm-full` for rm-update. The other rows are every backend in dispatch.BACKENDS
+for grebt; `rm-full` for rm-update. The other rows are every backend in r2m_kernels.BACKENDS
 that can run on the device: registered for the op (pool, grebt), or accepted by R2MHead
 (head, update, rm-update), so new backends appear by themselves.
 
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from r2m import GREBTLoss, R2MHead
-from r2m_kernels import BackendUnavailableError, attention_pool, dispatch, grebt_loss
+from r2m_kernels import BACKENDS, BackendUnavailableError, attention_pool, grebt_loss, why_unavailable
 from r2m_kernels.reference import grebt_loss_torch
 
 from .sizes import Size
@@ -104,18 +104,15 @@ def _head_why_not(backend: str, device: torch.device) -> str | None:
 
 
 def kernel_backends(op: OpSpec, device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """The kernel backends (dispatch.BACKENDS) to time for `op` on `device`, and {backend:
+    """The kernel backends (r2m_kernels.BACKENDS) to time for `op` on `device`, and {backend:
     why not} for the others."""
     run, skipped = [], {}
-    for name in dispatch.BACKENDS:
+    for name in BACKENDS:
         reason = NOT_TIMED.get(device.type, {}).get(name)
         if reason is None and op.kernels == "head":
             reason = _head_why_not(name, device)
         elif reason is None:
-            try:
-                dispatch.resolve(op.kernels, name, device)
-            except BackendUnavailableError as exc:
-                reason = str(exc)
+            reason = why_unavailable(name, op.kernels, device)
         if reason is None:
             run.append(name)
         else:
@@ -212,10 +209,8 @@ def update_case(size: Size, backend: str, dtype: torch.dtype, device: torch.devi
     """The R2M update step with `backend` for the head; GREBT runs on the same backend where
     it has one, else on torch."""
     head = _new_head(size, backend, device)
-    try:
-        loss_backend, _ = dispatch.resolve("grebt_loss", backend, device)
-    except (BackendUnavailableError, ValueError):  # ValueError: "eager" is no kernel backend name
-        loss_backend = "torch"
+    usable = backend in BACKENDS and why_unavailable(backend, "grebt_loss", device) is None
+    loss_backend = backend if usable else "torch"
     loss_fn = GREBTLoss(backend=loss_backend)
     rte = torch.randn(size.batch, size.rm_dim, device=device, dtype=dtype)
     hidden = _hidden(size, dtype, device)

@@ -3,7 +3,7 @@
 `pip install` builds the extension where torch has CUDA and nvcc exists. In a source checkout
 without a prebuilt module, the first use on a CUDA tensor JIT-builds the same sources with
 torch.utils.cpp_extension.load (R2M_CUDA_JIT=0 turns that off). The backend is available only
-where the module imports and the tensors are on a GPU; otherwise `why_not` says why.
+where the module imports and the tensors are on a GPU; otherwise `why_not_device` says why.
 score_mix has no kernel of its own here: it is a few small matmuls, so the `cuda` backend
 runs the torch implementation (on the GPU that is cuBLAS).
 """
@@ -63,21 +63,21 @@ def _load():
 
 
 def module():
-    """The compiled extension (call only after why_not said yes)."""
+    """The compiled extension (call only after why_not_device said yes)."""
     ext, why = _load()
     if ext is None:
         raise dispatch.BackendUnavailableError(f"backend='cuda' is unavailable: {why}")
     return ext
 
 
-def why_not(device) -> str | None:
+def why_not_device(device) -> str | None:
     """None when the CUDA kernels can run on tensors of `device`, else the reason."""
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors; got tensors on {device}"
     return _load()[1]
 
 
-dispatch.register("score_mix", "cuda", score_mix_torch, why_not)
+dispatch.register("score_mix", "cuda", score_mix_torch, why_not_device)
 
 from . import attention_pool  # noqa: E402,F401  (registers attention_pool)
 from . import grebt  # noqa: E402,F401  (registers grebt_loss)

@@ -2,53 +2,55 @@
 
 The kernels (see csrc/r2m_cuda.h) read hidden once forward and once backward, with 16-byte
 vector loads and fp32 math; this module folds the scale into q, picks the flash-decoding
-split, combines the splits and scales dq, exactly as the triton backend does (kernel_host).
+split, combines the splits and scales dq, exactly as the triton backend does (splits.py,
+custom_ops.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import dispatch
-from ..kernel_host import combine_splits, define_attention_pool_op, num_splits, sequences
-from . import module, why_not
+from .. import dispatch, splits
+from ..custom_ops import define_attention_pool_op
+from . import module, why_not_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_D_P = 16384
 MAX_HEADS = 64
 
 
-def _check_supported(hidden: torch.Tensor, q: torch.Tensor) -> None:
+def why_not_inputs(inputs) -> str | None:
+    """None when the kernels take the validated attention_pool inputs, else the reason."""
+    hidden, heads = inputs.hidden, inputs.q.shape[1]
     if hidden.dtype not in DTYPES:
-        raise TypeError(f"attention_pool backend='cuda' takes hidden in float32, float16 or "
-                        f"bfloat16, got {hidden.dtype} (use backend='torch')")
-    if hidden.shape[-1] > MAX_D_P or q.shape[1] > MAX_HEADS:
-        raise ValueError(f"attention_pool backend='cuda' supports D_p <= {MAX_D_P} and n_h <= "
-                         f"{MAX_HEADS}, got D_p = {hidden.shape[-1]}, n_h = {q.shape[1]} "
-                         f"(use backend='torch')")
+        return f"the CUDA kernels take hidden in float32, float16 or bfloat16, got {hidden.dtype}"
+    if hidden.shape[-1] > MAX_D_P or heads > MAX_HEADS:
+        return (f"the CUDA kernels take D_p <= {MAX_D_P} and n_h <= {MAX_HEADS}, got D_p = "
+                f"{hidden.shape[-1]}, n_h = {heads}")
+    return None
 
 
 def _rows(hidden, cu_seqlens):
     """(hidden with a contiguous last dim, batch size, a typical sequence length)."""
     rows = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    return (rows, *sequences(hidden, cu_seqlens))
+    return (rows, *splits.sequences(hidden, cu_seqlens))
 
 
 def _forward(hidden, q, scale, mask, cu_seqlens):
     rows, batch, typical = _rows(hidden, cu_seqlens)
-    n_split = num_splits(batch * q.shape[1], typical, hidden.device)
+    n_split = splits.num_splits(batch * q.shape[1], typical, hidden.device)
     q_scaled = (q.float() * scale).contiguous()
     out, lse = module().attention_pool_forward(rows, q_scaled, mask, cu_seqlens, n_split)
     if n_split == 1:
         return out[0].to(hidden.dtype), lse[0]
-    return combine_splits(out, lse, hidden.dtype)
+    return splits.combine_splits(out, lse, hidden.dtype)
 
 
 def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
     rows, batch, typical = _rows(hidden, cu_seqlens)
     # With dhidden one block owns a chunk of rows and loops over the heads.
     programs = batch if need_dhidden else batch * q.shape[1]
-    n_split = num_splits(programs, typical, hidden.device)
+    n_split = splits.num_splits(programs, typical, hidden.device)
     grad = grad.float().contiguous()
     delta = (grad * pooled.float()).sum(dim=-1).contiguous()  # D_j = dp_j . p_j
     q_scaled = (q.float() * scale).contiguous()
@@ -68,8 +70,7 @@ def attention_pool_cuda(hidden, q, scale, mask=None, cu_seqlens=None):
     D_p <= MAX_D_P, on a GPU; q (B, n_h, D_p) of any float dtype, n_h <= MAX_HEADS. Returns
     pooled (B, n_h, D_p) in hidden.dtype; differentiable in q and hidden.
     """
-    _check_supported(hidden, q)
     return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0]
 
 
-dispatch.register("attention_pool", "cuda", attention_pool_cuda, why_not)
+dispatch.register("attention_pool", "cuda", attention_pool_cuda, why_not_device, why_not_inputs)

@@ -1,16 +1,17 @@
-"""Triton attention pool (DESIGN §2): one pass over `hidden` forward, one pass backward.
+"""Triton attention pool (docs/design.md §2): one pass over `hidden` forward, one pass backward.
 
     pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]      over valid t
 
-Layouts (pool_common): padded hidden (B, S, D_p) with an optional (B, S) mask of any
+Layouts (utils.layout): padded hidden (B, S, D_p) with an optional (B, S) mask of any
 pattern, or packed hidden (N, D_p) with (B+1,) int32 cu_seqlens. hidden fp32/fp16/bf16 (or
 fp64), q of any float dtype (B, n_h, D_p); every score, softmax and accumulation is fp32
 (fp64 for fp64 hidden, as in the torch backend).
 
-Two variants behind one op. With n_h >= attention_pool_heads.MANY_HEADS_MIN (and 16/32-bit
-hidden) the ops call attention_pool_heads: tensor-core dots over all heads, 2 passes over
-hidden forward and 2 backward whatever n_h. Otherwise the kernels below, which do the
-products on the CUDA cores; the wrapper hands them scale * q in the accumulation dtype.
+Two variants behind one op. With n_h >= attention_pool_many_heads.MANY_HEADS_MIN (and
+16/32-bit hidden) the ops call the many-head variant (attention_pool_many_heads.py):
+tensor-core dots over all heads, 2 passes over hidden forward and 2 backward whatever n_h.
+Otherwise the per-head kernels below, which do the products on the CUDA cores; the wrapper
+hands them scale * q in the accumulation dtype.
 
 Kernel plan. A program owns one sequence (and, forward, one head) and a contiguous chunk of
 its positions. It walks the chunk BLOCK_S rows at a time; each row-block of hidden is loaded
@@ -33,7 +34,7 @@ registers for both the score (a dot product over D_p on the CUDA cores) and the 
             Passes over hidden: 1 for n_h = 1; for n_h > 1 as the forward (mostly L2) for
             dq alone, n_h passes from HBM with dhidden (below MANY_HEADS_MIN heads).
 
-The op is a torch.library custom op (kernel_host.define_attention_pool_op: fake
+The op is a torch.library custom op (custom_ops.define_attention_pool_op: fake
 implementation and autograd), so torch.compile traces through it without a graph break.
 """
 
@@ -43,17 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import dispatch
-from ..kernel_host import combine_splits, define_attention_pool_op
+from .. import dispatch, splits
+from ..custom_ops import define_attention_pool_op
 from ..reference import accumulation_dtype
-from . import INTERPRET, TL_ACC, why_not
-from . import attention_pool_heads as head_dots
-from . import pool_common as common
-from .pool_common import chunk, load_rows, sequence, valid_rows
+from . import attention_pool_many_heads as many_heads
+from . import utils
+from .utils import INTERPRET, TL_ACC, chunk, load_rows, sequence, valid_rows
 
-# The row-block of hidden is held whole over D_p in registers; 16384 covers every current LLM
-# width (Llama-3.1-405B). The many-head variant tiles D_p and has no such limit, but the
-# variant is chosen by n_h alone, so the limit applies to both.
+# The per-head kernels hold a row-block of hidden whole over D_p in registers; 16384 covers
+# every current LLM width (Llama-3.1-405B). The many-head variant tiles D_p, but the variant
+# is chosen by n_h alone, so the limit applies to both.
 MAX_D_P = 16384
 # Largest row-block tile (BLOCK_S * BLOCK_D elements) a program keeps in registers.
 _MAX_TILE = 32768
@@ -188,26 +188,28 @@ def _pool_bwd_kernel(
         tl.store(dq + slot * D + offs_d, dq_acc, mask=in_d)
 
 
-def _check_supported(hidden: torch.Tensor) -> None:
-    if hidden.shape[-1] > MAX_D_P:
-        raise ValueError(f"the triton backend of attention_pool supports D_p <= {MAX_D_P}, got "
-                         f"hidden with D_p = {hidden.shape[-1]} (use backend='torch')")
+def why_not_inputs(inputs) -> str | None:
+    """None when these kernels take the validated attention_pool inputs, else the reason."""
+    d_p = inputs.hidden.shape[-1]
+    if d_p > MAX_D_P:
+        return f"the Triton attention pool takes D_p <= {MAX_D_P}, got D_p = {d_p}"
+    return None
 
 
 def _forward(hidden, q, scale, mask, cu_seqlens):
     """(pooled (B, n_h, D_p) in hidden.dtype, lse (B, n_h) log-sum-exp of the scores in the
     accumulation dtype)."""
-    if head_dots.uses_head_dots(hidden, q.shape[1]):
-        return head_dots.pool_forward(hidden, q, scale, mask, cu_seqlens)
-    lay = common.layout(hidden, mask, cu_seqlens)
+    if many_heads.uses_many_heads(hidden, q.shape[1]):
+        return many_heads.pool_forward(hidden, q, scale, mask, cu_seqlens)
+    lay = utils.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = common.num_splits(batch * heads, lay["typical"], hidden.device)
+    n_split = splits.num_splits(batch * heads, lay["typical"], hidden.device)
     # With one split the kernel's normalised output is the result: it writes it directly.
     direct = n_split == 1
-    splits = () if direct else (n_split,)
-    out = common.empty(splits + (batch, heads, d_p), hidden.dtype if direct else acc, hidden.device)
-    lse = common.empty(splits + (batch, heads), acc, hidden.device)
+    split_dims = () if direct else (n_split,)
+    out = utils.empty(split_dims + (batch, heads, d_p), hidden.dtype if direct else acc, hidden.device)
+    lse = utils.empty(split_dims + (batch, heads), acc, hidden.device)
     q_scaled = q.to(acc) * scale
     _pool_fwd_kernel[(batch * heads, n_split)](
         hidden, q_scaled, lay["cu_seqlens"], lay["mask_args"][0], out, lse,
@@ -220,27 +222,27 @@ def _forward(hidden, q, scale, mask, cu_seqlens):
     )
     if direct:
         return out, lse
-    return combine_splits(out, lse, hidden.dtype)
+    return splits.combine_splits(out, lse, hidden.dtype)
 
 
 def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
     """(dq in q.dtype, dhidden in hidden.dtype and shape; an empty tensor when not needed)."""
-    if head_dots.uses_head_dots(hidden, q.shape[1]):
-        return head_dots.pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens,
-                                       need_dhidden)
-    lay = common.layout(hidden, mask, cu_seqlens)
+    if many_heads.uses_many_heads(hidden, q.shape[1]):
+        return many_heads.pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens,
+                                        need_dhidden)
+    lay = utils.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
     heads_per_program = heads if need_dhidden else 1
     programs = batch * heads // heads_per_program
-    n_split = common.num_splits(programs, lay["typical"], hidden.device)
+    n_split = splits.num_splits(programs, lay["typical"], hidden.device)
     delta = (grad.to(acc) * pooled.to(acc)).sum(dim=-1).contiguous()  # D_j = dp_j . p_j
     q_scaled = q.to(acc) * scale
-    dq = common.empty((n_split, batch, heads, d_p), acc, hidden.device)
+    dq = utils.empty((n_split, batch, heads, d_p), acc, hidden.device)
     if need_dhidden:
         # Heads are summed in place; with one head the kernel writes the result directly.
         dh_dtype = hidden.dtype if heads == 1 else acc
-        dhidden = common.empty(hidden.shape, dh_dtype, hidden.device)
+        dhidden = utils.empty(hidden.shape, dh_dtype, hidden.device)
     else:
         dhidden = hidden.new_empty(0)
     _pool_bwd_kernel[(programs, n_split)](
@@ -263,11 +265,10 @@ def attention_pool_triton(hidden, q, scale, mask=None, cu_seqlens=None):
     """The `triton` backend of attention_pool (inputs already validated).
 
     hidden (B, S, D_p) [+ mask (B, S)] or (N, D_p) + cu_seqlens (B+1,) int32, fp16/bf16/fp32
-    (fp64 works, at fp64 speed), D_p <= MAX_D_P; q (B, n_h, D_p) of any float dtype. Returns
-    pooled (B, n_h, D_p) in hidden.dtype; differentiable in q and hidden.
+    (fp64 works, at fp64 speed), D_p <= MAX_D_P; q (B, n_h, D_p) of any float dtype. Returns pooled (B, n_h, D_p) in hidden.dtype;
+    differentiable in q and hidden.
     """
-    _check_supported(hidden)
     return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0]
 
 
-dispatch.register("attention_pool", "triton", attention_pool_triton, why_not)
+dispatch.register("attention_pool", "triton", attention_pool_triton, utils.why_not_device, why_not_inputs)

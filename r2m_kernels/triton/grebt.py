@@ -1,4 +1,4 @@
-"""GREBT loss (DESIGN §1.3) as one Triton kernel that also writes the gradient.
+"""GREBT loss (docs/design.md §1.3) as one Triton kernel that also writes the gradient.
 
 Each program takes a tile of BLOCK_G groups x BLOCK_K rewards (one group per row, the group's
 rewards along the row), finds each group's (max, min) pair, the Bradley-Terry term, the entropy
@@ -23,38 +23,20 @@ fp16/bf16/fp32 rewards: math in fp32; fp64 rewards: math in fp64 (so gradcheck c
 kernel itself).
 """
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import dispatch
-from ..kernel_host import define_grebt_op, grebt_groups
+from ..custom_ops import define_grebt_op, grebt_groups
 from ..reference import accumulation_dtype
-from . import INTERPRET, TL_ACC, why_not
+from . import utils
+from .utils import INTERPRET, TL_ACC, join_scalar, split_scalar
 
 # Largest group the single-tile kernel takes: a group lives in one program's registers.
 MAX_GROUP_SIZE = 16384
 # Rewards per program when groups are small: enough groups per tile to amortise the program.
 _TILE_ELEMENTS = 1024
-_FP32_MAX = 3.4028234663852886e38
-
-
-def split_scalar(x: float):
-    """x as two fp32-exact floats (hi, lo) with hi + lo = x to ~48 bits: Triton passes Python
-    floats to kernels as fp32, which would round the fp64 math's constants."""
-    # Beyond fp32's range (only an absurd eps gets there) the largest float stands in for inf,
-    # which would turn eps / (std + eps) into NaN.
-    x = max(-_FP32_MAX, min(_FP32_MAX, x))
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
-
-
-@triton.jit
-def join_scalar(hi, lo, ACC: tl.constexpr):
-    """The inverse of split_scalar, in the math's dtype (fp32: just hi)."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -140,14 +122,14 @@ def _grebt_fwd_kernel(
         tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _grebt_forward(rewards, group_size, cu_groups, alpha, eps, reduction, write_grad):
+def _grebt_forward(rewards, group_size, cu_groups, max_group, alpha, eps, reduction, write_grad):
     """(loss: scalar, or (G,) for "none"; d loss / d rewards (B,), empty unless write_grad),
     both in the math's dtype."""
     acc = accumulation_dtype(rewards.dtype)
     rewards = rewards.contiguous()
     n = rewards.shape[0]
-    num_groups, k_max = grebt_groups(rewards, group_size, cu_groups)
-    if k_max > MAX_GROUP_SIZE:
+    num_groups, k_max = grebt_groups(rewards, group_size, cu_groups, max_group)
+    if k_max > MAX_GROUP_SIZE:  # reached only by direct calls: dispatch's probe refuses these
         raise ValueError(f"grebt_loss backend='triton' takes groups of up to {MAX_GROUP_SIZE} "
                          f"rewards, got a group of {k_max}; use backend='torch'")
     block_k = triton.next_power_of_2(k_max)
@@ -172,16 +154,26 @@ def _grebt_forward(rewards, group_size, cu_groups, alpha, eps, reduction, write_
 _grebt_op = define_grebt_op("grebt_loss_triton", _grebt_forward)
 
 
-def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean"):
-    """GREBT loss (DESIGN §1.3); same semantics as reference.grebt_loss_torch.
+def why_not_inputs(inputs) -> str | None:
+    """None when the kernel takes the validated grebt_loss inputs, else the reason."""
+    if inputs.max_group is not None and inputs.max_group > MAX_GROUP_SIZE:
+        return (f"the Triton GREBT kernel holds a group in one program and takes groups of up to "
+                f"{MAX_GROUP_SIZE} rewards, got a group of {inputs.max_group}")
+    return None
+
+
+def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
+                      max_group=None):
+    """GREBT loss (docs/design.md §1.3); same semantics as reference.grebt_loss_torch.
 
     rewards (B,) fp16/bf16/fp32 (math in fp32) or fp64 (math in fp64); uniform groups of
-    `group_size` or ragged groups given by cu_groups (G+1,) int32. Returns a scalar for
-    "mean"/"sum", (G,) for "none"; fp32 (fp64 for fp64 rewards). Groups of up to
-    MAX_GROUP_SIZE rewards.
+    `group_size` or ragged groups given by cu_groups (G+1,) int32 (max_group: the largest,
+    when known). Returns a scalar for "mean"/"sum", (G,) for "none"; fp32 (fp64 for fp64
+    rewards). Groups of up to MAX_GROUP_SIZE rewards.
     """
     write_grad = rewards.requires_grad and torch.is_grad_enabled()
-    return _grebt_op(rewards, group_size, cu_groups, float(alpha), float(eps), reduction, write_grad)[0]
+    return _grebt_op(rewards, group_size, cu_groups, max_group, float(alpha), float(eps), reduction,
+                     write_grad)[0]
 
 
-dispatch.register("grebt_loss", "triton", grebt_loss_triton, why_not)
+dispatch.register("grebt_loss", "triton", grebt_loss_triton, utils.why_not_device, why_not_inputs)

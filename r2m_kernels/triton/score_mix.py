@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from . import TL_ACC, why_not
-from .grebt import join_scalar, split_scalar
+from ..custom_ops import define_score_mix_op
+from . import utils
+from .utils import TL_ACC, join_scalar, split_scalar
 
-# Static tiles, not yet tuned on a GPU. Enough d-chunks (d / BLOCK_D) to spread the W_o read over
-# the SMs at d = 2048, and W_o tiles of BLOCK_R x BLOCK_D elements large enough to keep a few KB
-# of loads in flight per program.
+# Static tiles: enough d-chunks (d / BLOCK_D) to spread the W_o read over the SMs at d = 2048,
+# and W_o tiles of BLOCK_R x BLOCK_D elements large enough to keep a few KB of loads in flight
+# per program.
 _BLOCK_D = 16  # columns of d per program (W_o row segments of 64 bytes in fp32)
 _BLOCK_R = 128  # columns of D_rm per program, and rows of W_o per loop step
 _BLOCK_B = 32  # rows of the batch per loop step
@@ -150,20 +151,20 @@ def _rows_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# torch.library custom ops (forward, backward, autograd between them), like the attention pool,
-# so that torch.compile treats the kernels as opaque nodes instead of breaking the graph.
-@torch.library.custom_op("r2m::score_mix_triton", mutates_args=())
-def _score_mix_forward(attended: torch.Tensor, rte: torch.Tensor, out_weight: torch.Tensor,
-                       score_weight: torch.Tensor, score_bias: torch.Tensor | None,
-                       omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(attn_dim: int, rm_dim: int) -> tuple[int, int]:
+    """(programs over d, all programs): d-chunks first, then D_rm-chunks."""
+    num_d_chunks = triton.cdiv(attn_dim, _BLOCK_D)
+    return num_d_chunks, num_d_chunks + triton.cdiv(rm_dim, _BLOCK_R)
+
+
+def _forward(attended, rte, out_weight, score_weight, score_bias, omega):
     """(rewards (B,), u = W_o^T w (d,)), both in the accumulation dtype; u is kept for backward."""
     acc = torch.promote_types(score_weight.dtype, torch.float32)
     attended, rte = _rows_contiguous(attended), _rows_contiguous(rte)
     out_weight, score_weight = out_weight.contiguous(), score_weight.contiguous()
     batch, attn_dim = attended.shape
     rm_dim = rte.shape[1]
-    num_d_chunks = triton.cdiv(attn_dim, _BLOCK_D)
-    num_programs = num_d_chunks + triton.cdiv(rm_dim, _BLOCK_R)
+    num_d_chunks, num_programs = _grid(attn_dim, rm_dim)
     u = torch.empty(attn_dim, dtype=acc, device=attended.device)
     partial = torch.empty(num_programs, batch, dtype=acc, device=attended.device)
     _score_mix_fwd_kernel[(num_programs,)](
@@ -176,27 +177,15 @@ def _score_mix_forward(attended: torch.Tensor, rte: torch.Tensor, out_weight: to
     return partial.sum(0), u
 
 
-@_score_mix_forward.register_fake
-def _(attended, rte, out_weight, score_weight, score_bias, omega):
-    acc = torch.promote_types(score_weight.dtype, torch.float32)
-    return attended.new_empty(attended.shape[0], dtype=acc), attended.new_empty(attended.shape[1], dtype=acc)
-
-
-@torch.library.custom_op("r2m::score_mix_triton_backward", mutates_args=())
-def _score_mix_backward(grad_rewards: torch.Tensor, attended: torch.Tensor, rte: torch.Tensor,
-                        out_weight: torch.Tensor, score_weight: torch.Tensor, u: torch.Tensor,
-                        omega: float, need_c: bool, need_rte: bool, need_w_o: bool,
-                        need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad, attended, rte, out_weight, score_weight, u, omega, need_c, need_rte, need_w_o,
+              need_w):
     """(d attended, d rte, d W_o, d w (1, D_rm)), each in its input's dtype; an empty tensor
     for a gradient that is not needed."""
     attended, rte = _rows_contiguous(attended), _rows_contiguous(rte)
     out_weight, score_weight = out_weight.contiguous(), score_weight.contiguous()
     batch, attn_dim = attended.shape
     rm_dim = rte.shape[1]
-    acc = u.dtype
-    num_d_chunks = triton.cdiv(attn_dim, _BLOCK_D)
-    num_programs = num_d_chunks + triton.cdiv(rm_dim, _BLOCK_R)
-    grad_rewards = grad_rewards.contiguous()
+    num_d_chunks, num_programs = _grid(attn_dim, rm_dim)
 
     def output(shape, dtype, needed):  # custom ops may not return one tensor twice: no shared placeholder
         return torch.empty(shape if needed else (0,), dtype=dtype, device=u.device)
@@ -204,48 +193,24 @@ def _score_mix_backward(grad_rewards: torch.Tensor, attended: torch.Tensor, rte:
     d_attended = output(attended.shape, attended.dtype, need_c)
     d_rte = output(rte.shape, rte.dtype, need_rte)
     d_out_weight = output(out_weight.shape, out_weight.dtype, need_w_o)
-    d_weight_partial = output((num_d_chunks + 1, rm_dim), acc, need_w)
+    d_weight_partial = output((num_d_chunks + 1, rm_dim), u.dtype, need_w)
     if need_c or need_rte or need_w_o or need_w:
         _score_mix_bwd_kernel[(num_programs,)](
-            grad_rewards, attended, rte, out_weight, score_weight, u,
+            grad, attended, rte, out_weight, score_weight, u,
             d_attended if need_c else u, d_rte if need_rte else u,
             d_out_weight if need_w_o else u, d_weight_partial if need_w else u,
             batch, attn_dim, rm_dim, num_d_chunks, *split_scalar(omega), attended.stride(0),
             rte.stride(0),
             NEED_D_ATTENDED=need_c, NEED_D_RTE=need_rte, NEED_D_OUT_WEIGHT=need_w_o,
             NEED_D_SCORE_WEIGHT=need_w, BLOCK_B=_BLOCK_B, BLOCK_D=_BLOCK_D, BLOCK_R=_BLOCK_R,
-            ACC=TL_ACC[acc],
+            ACC=TL_ACC[u.dtype],
         )
-    d_score_weight = d_weight_partial.sum(0, keepdim=True).to(score_weight.dtype) if need_w else score_weight.new_empty(0)
+    d_score_weight = (d_weight_partial.sum(0, keepdim=True).to(score_weight.dtype) if need_w
+                      else score_weight.new_empty(0))
     return d_attended, d_rte, d_out_weight, d_score_weight
 
 
-@_score_mix_backward.register_fake
-def _(grad_rewards, attended, rte, out_weight, score_weight, u, omega, need_c, need_rte, need_w_o, need_w):
-    def like(t, needed):
-        return t.new_empty(t.shape if needed else (0,))
-    return like(attended, need_c), like(rte, need_rte), like(out_weight, need_w_o), like(score_weight, need_w)
-
-
-def _setup_context(ctx, inputs, output):
-    attended, rte, out_weight, score_weight, score_bias, omega = inputs
-    ctx.save_for_backward(attended, rte, out_weight, score_weight, output[1])
-    ctx.omega = omega
-    ctx.bias_dtype = None if score_bias is None else score_bias.dtype
-
-
-def _backward(ctx, grad_rewards, grad_u):
-    # u is an internal output: nothing differentiates through it.
-    attended, rte, out_weight, score_weight, u = ctx.saved_tensors
-    need_c, need_rte, need_w_o, need_w, need_b = ctx.needs_input_grad[:5]
-    d_c, d_rte, d_w_o, d_w = _score_mix_backward(grad_rewards, attended, rte, out_weight, score_weight,
-                                                 u, ctx.omega, need_c, need_rte, need_w_o, need_w)
-    d_bias = grad_rewards.sum().reshape(1).to(ctx.bias_dtype) if need_b else None
-    return (d_c if need_c else None, d_rte if need_rte else None, d_w_o if need_w_o else None,
-            d_w if need_w else None, d_bias, None)
-
-
-_score_mix_forward.register_autograd(_backward, setup_context=_setup_context)
+_score_mix_op = define_score_mix_op("score_mix_triton", _forward, _backward)
 
 
 def score_mix_triton(attended, rte, out_weight, score_weight, score_bias, omega):
@@ -255,7 +220,7 @@ def score_mix_triton(attended, rte, out_weight, score_weight, score_bias, omega)
     (1,) or None; any float dtypes (rte often 16-bit). Math in fp32 (fp64 for an fp64 score
     head). Returns rewards (B,) in that dtype; gradients in each input's dtype.
     """
-    return _score_mix_forward(attended, rte, out_weight, score_weight, score_bias, float(omega))[0]
+    return _score_mix_op(attended, rte, out_weight, score_weight, score_bias, float(omega))[0]
 
 
-dispatch.register("score_mix", "triton", score_mix_triton, why_not)
+dispatch.register("score_mix", "triton", score_mix_triton, utils.why_not_device)

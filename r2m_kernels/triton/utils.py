@@ -1,25 +1,66 @@
-"""Pieces both Triton attention-pool variants share (attention_pool.py, one program per head
-with CUDA-core dots; attention_pool_heads.py, tensor-core dots over all heads): where each
-sequence's rows are, the flash-decoding split of a sequence into chunks, the validity of a
-row-block, and the allocation of every buffer the kernels write.
+"""Helpers the Triton kernels and their host code share.
+
+- Where Triton can run (`why_not_device`), the accumulation dtypes as Triton types (TL_ACC),
+  and fp64 scalars passed as fp32 pairs (split_scalar / join_scalar).
+- The attention pool's row layout, shared by its two variants (attention_pool.py, one program
+  per head; attention_pool_many_heads.py, tensor-core dots over all heads): where each
+  sequence's rows are, the flash-decoding chunk of a program, the validity of a row-block, and
+  the allocation of every buffer the kernels write.
 
 Layouts: padded hidden (B, S, D_p) with an optional (B, S) mask of any pattern, or packed
 hidden (N, D_p) with (B+1,) int32 cu_seqlens. Either way sequence b's rows are rows
 [row0, row0 + seqlen) of hidden viewed as (rows, D_p): row0 = b * S padded, cu_seqlens[b]
 packed; buffers indexed by row (scores, dhidden) use that row index.
 
-The host helpers `empty` and `num_splits` (kernel_host's, shared with the cuda backend) are
-called through this module (common.empty), so that tests can replace them: to poison every
-buffer with NaN, to record the splits chosen.
+`empty` is called through this module (utils.empty) so that tests can replace it, to poison
+every buffer with NaN.
 """
 
 from __future__ import annotations
+
+import os
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ..kernel_host import num_splits, sequences  # noqa: F401  (common.num_splits: see above)
+from ..splits import sequences
+
+# Triton reads TRITON_INTERPRET when a kernel is defined; on CPU tensors the kernels can run
+# only in the interpreter, which is for tests.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# The kernels' ACC constexpr for each accumulation dtype (reference.accumulation_dtype).
+TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+_FP32_MAX = 3.4028234663852886e38
+
+
+def why_not_device(device: torch.device) -> str | None:
+    """None when Triton kernels can run on tensors of `device`, else the reason."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return (f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import to run "
+            f"them in the interpreter on the CPU); got tensors on {device}")
+
+
+def split_scalar(x: float):
+    """x as two fp32-exact floats (hi, lo) with hi + lo = x to ~48 bits: Triton passes Python
+    floats to kernels as fp32, which would round the fp64 math's constants."""
+    # Beyond fp32's range (only an absurd eps gets there) the largest float stands in for inf,
+    # which would turn eps / (std + eps) into NaN.
+    x = max(-_FP32_MAX, min(_FP32_MAX, x))
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+@triton.jit
+def join_scalar(hi, lo, ACC: tl.constexpr):
+    """The inverse of split_scalar, in the math's dtype (fp32: just hi)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit

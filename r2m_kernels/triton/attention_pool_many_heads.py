@@ -1,9 +1,10 @@
-"""Many-head Triton attention pool (DESIGN §2, §6): tensor-core dots over all heads at once.
+"""The many-head variant of the Triton attention pool (docs/design.md §2.4): tensor-core dots
+over all heads at once.
 
     pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]      over valid t
 
-attention_pool.py's custom ops call this variant for n_h >= MANY_HEADS_MIN (uses_head_dots);
-same layouts (pool_common), same results and saved state: pooled (B, n_h, D_p) in hidden's
+attention_pool.py's custom ops call this variant for n_h >= MANY_HEADS_MIN (uses_many_heads);
+same layouts (utils.layout), same results and saved state: pooled (B, n_h, D_p) in hidden's
 dtype, lse (B, n_h) fp32. With many heads the per-head variant re-reads hidden once per head
 (CUDA-core dot products; with dhidden, n_h passes from HBM) and an (n_h, D_p) accumulator
 no longer fits in registers, so this variant makes a score pass and a pooling pass and does
@@ -55,16 +56,16 @@ Peak extra memory (beyond inputs and outputs), fp32 buffers, rows = B * S padded
               [+ 4 n_split B n_h (D_p + 1) pooled partials and their sums when the pooling
               pass splits]
     backward  4 n_h rows (ds) [+ 4 n_split B n_h D_p dq partials when it splits]
-The forward's buffer is freed before the backward runs. At DESIGN §6 `heads` (B 512, S 1024,
+The forward's buffer is freed before the backward runs. At the `heads` size (B 512, S 1024,
 n_h 16, D_p 4096): 4 * 16 * 524288 B = 32 MiB (+ 32 KiB of lse parts); neither weighted pass
 splits there (512 * 32 programs), so the peak is 32 MiB, under the 64 MiB target.
 
-MANY_HEADS_MIN is a guess owed to the GPU `heads` benchmark (DESIGN §6, n_h 16) and a sweep
-of n_h there. The estimate behind it, H100 bf16: the per-head variant streams hidden from HBM
-once (3.2 TB/s) and n_h times from L2 (roughly 7 TB/s), and spends ~2 CUDA-core FMAs per
-element per head (~34 T FMA/s), so it keeps up with HBM only to n_h ~ 2-4 forward and, with
-dhidden, reads HBM n_h times; this variant costs 2 passes either way. Crossover expected
-near n_h = 4. Tests set the module attribute to exercise both variants at any n_h.
+MANY_HEADS_MIN: the fewest heads for which this variant runs. The estimate behind it, H100
+bf16: the per-head variant streams hidden from HBM once (3.2 TB/s) and n_h times from L2
+(roughly 7 TB/s), and spends ~2 CUDA-core FMAs per element per head (~34 T FMA/s), so it
+keeps up with HBM only to n_h ~ 2-4 forward and, with dhidden, reads HBM n_h times; this
+variant costs 2 passes either way. benchmarks/pool_variants.py measures the crossover
+(benchmarks/RESULTS.md). Tests set the module attribute to exercise both variants at any n_h.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
-from . import pool_common as common
-from .pool_common import chunk, load_rows, sequence, valid_rows
+from .. import splits
+from . import utils
+from .utils import INTERPRET, chunk, load_rows, sequence, valid_rows
 
-# Fewest heads for which attention_pool uses this variant (a guess: see the docstring).
+# Fewest heads for which attention_pool uses this variant (see the docstring).
 MANY_HEADS_MIN = 4
 
 # Hidden dtypes this variant takes, and the dtype of its dot operands.
@@ -103,7 +104,7 @@ _WEIGHTED = {16: ((32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3)),
              32: ((32, 4, 3), (32, 8, 3), (64, 8, 3))}
 
 
-def uses_head_dots(hidden: torch.Tensor, heads: int) -> bool:
+def uses_many_heads(hidden: torch.Tensor, heads: int) -> bool:
     """Whether attention_pool's triton ops take this variant for hidden and n_h = heads."""
     return heads >= MANY_HEADS_MIN and hidden.dtype in DOT_DTYPES
 
@@ -348,13 +349,13 @@ def _weighted_rows(weights, lse, hidden, lay, heads, out_dtype):
     widest = _INTERPRETER_BLOCKS["BLOCK_D"] if INTERPRET else _WEIGHTED_BLOCK_D[dots["DOT"]]
     block_d = min(widest, max(16, triton.next_power_of_2(d_p)))
     programs = batch * triton.cdiv(d_p, block_d)
-    n_split = common.num_splits(programs, lay["typical"], hidden.device)
+    n_split = splits.num_splits(programs, lay["typical"], hidden.device)
     direct = n_split == 1  # one split: the kernel writes the result itself
     shape = (batch, heads, d_p) if direct else (n_split, batch, heads, d_p)
-    out = common.empty(shape, out_dtype if direct else torch.float32, hidden.device)
+    out = utils.empty(shape, out_dtype if direct else torch.float32, hidden.device)
     softmax = lse is not None
     split_sums = softmax and not direct
-    denoms = common.empty((n_split, batch, heads), torch.float32, hidden.device) if split_sums else out
+    denoms = utils.empty((n_split, batch, heads), torch.float32, hidden.device) if split_sums else out
     _weighted_rows_kernel[(programs, n_split)](
         weights, lse if softmax else weights, hidden, lay["cu_seqlens"], lay["mask_args"][0], out, denoms,
         lay["seq_len"], d_p, heads, lay["rows"],
@@ -371,13 +372,13 @@ def _weighted_rows(weights, lse, hidden, lay, heads, out_dtype):
 
 
 def pool_forward(hidden, q, scale, mask, cu_seqlens):
-    """attention_pool's forward for uses_head_dots inputs: (pooled (B, n_h, D_p) in
+    """attention_pool's forward for uses_many_heads inputs: (pooled (B, n_h, D_p) in
     hidden.dtype, lse (B, n_h) fp32)."""
-    lay = common.layout(hidden, mask, cu_seqlens)
+    lay = utils.layout(hidden, mask, cu_seqlens)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = common.num_splits(batch, lay["typical"], hidden.device)
-    scores = common.empty((heads, lay["rows"]), torch.float32, hidden.device)
-    lse_parts = common.empty((n_split, batch, heads), torch.float32, hidden.device)
+    n_split = splits.num_splits(batch, lay["typical"], hidden.device)
+    scores = utils.empty((heads, lay["rows"]), torch.float32, hidden.device)
+    lse_parts = utils.empty((n_split, batch, heads), torch.float32, hidden.device)
     _scores_kernel[(batch, n_split)](
         hidden, q, lay["cu_seqlens"], lay["mask_args"][0], scores, lse_parts,
         lay["seq_len"], d_p, heads, lay["rows"], scale,
@@ -391,14 +392,14 @@ def pool_forward(hidden, q, scale, mask, cu_seqlens):
 
 
 def pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
-    """attention_pool's backward for uses_head_dots inputs: (dq in q.dtype, dhidden in
+    """attention_pool's backward for uses_many_heads inputs: (dq in q.dtype, dhidden in
     hidden's dtype and shape, or an empty tensor when not needed)."""
-    lay = common.layout(hidden, mask, cu_seqlens)
+    lay = utils.layout(hidden, mask, cu_seqlens)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = common.num_splits(batch, lay["typical"], hidden.device)
-    dscores = common.empty((heads, lay["rows"]), torch.float32, hidden.device)
+    n_split = splits.num_splits(batch, lay["typical"], hidden.device)
+    dscores = utils.empty((heads, lay["rows"]), torch.float32, hidden.device)
     if need_dhidden:
-        dhidden = common.empty(hidden.shape, hidden.dtype, hidden.device)
+        dhidden = utils.empty(hidden.shape, hidden.dtype, hidden.device)
     else:
         dhidden = hidden.new_empty(0)
     _dscores_kernel[(batch, n_split)](
