@@ -1,7 +1,8 @@
 """r2m: Real-Time Aligned Reward Models (R2M) for RLHF.
 
 The model and training layer: R2MHead, the GREBT loss, the omega schedule, the reward-model
-wrapper and the trainer. The kernels it runs on live in r2m_kernels.
+wrapper and the R2M section of a training run. Training runs on TRL: r2m.integrations.trl.
+The kernels it runs on live in r2m_kernels.
 """
 
 from r2m_kernels import __version__
@@ -10,14 +11,14 @@ from .head import R2MHead
 from .loss import GREBTLoss
 from .schedule import omega
 
-__all__ = ["R2MHead", "GREBTLoss", "omega", "R2MConfig", "R2MRewardModel", "R2MTrainer", "__version__"]
+__all__ = ["R2MHead", "GREBTLoss", "omega", "R2MConfig", "R2MRewardModel", "__version__"]
 
-_LAZY = {"R2MConfig": ".config", "R2MRewardModel": ".reward_model", "R2MTrainer": ".trainer"}
+_LAZY = {"R2MConfig": ".config", "R2MRewardModel": ".reward_model"}
 
 
 def __getattr__(name):
-    """R2MConfig, R2MRewardModel and R2MTrainer import on first use: the trainer pulls in
-    transformers, which `import r2m` alone should not pay for."""
+    """R2MConfig and R2MRewardModel import on first use: `import r2m` alone should not pay for
+    what they pull in."""
     if name in _LAZY:
         import importlib
 

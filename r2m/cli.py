@@ -1,5 +1,6 @@
-"""The `r2m` command. Each subcommand lives in its own module, which provides HELP,
-add_arguments(parser) and run(args) -> exit code; it is imported only when chosen."""
+"""The `r2m` command. Each subcommand lives in its own module, imported only when chosen, which
+provides HELP and either main(argv) -> exit code (it parses its own arguments) or
+add_arguments(parser) and run(args) -> exit code."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
+    if hasattr(module, "main"):
+        return int(module.main(argv[1:]) or 0)
     cmd = argparse.ArgumentParser(prog=f"r2m {argv[0]}", description=module.HELP)
     module.add_arguments(cmd)
     return int(module.run(cmd.parse_args(argv[1:])) or 0)

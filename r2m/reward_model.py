@@ -1,4 +1,5 @@
-"""R2MRewardModel: a frozen reward model (backbone + linear score head) plus a trainable R2MHead."""
+"""R2MRewardModel: a frozen reward model (backbone + linear score head) plus a trainable R2MHead;
+noise_like, the input of the paper's noise ablation."""
 
 from __future__ import annotations
 
@@ -37,8 +38,24 @@ def same_tokenizer(a, b) -> bool:
             and a.all_special_tokens == b.all_special_tokens)
 
 
+def noise_like(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise shaped like `hidden` (B, S, D) with its per-feature mean and standard
+    deviation over the valid positions of `attention_mask` (B, S): the paper's ablation that
+    feeds the head noise instead of the policy's hidden states."""
+    valid = hidden[attention_mask.bool()].float()
+    noise = torch.randn(hidden.shape, device=hidden.device) * valid.std(0) + valid.mean(0)
+    return noise.to(hidden.dtype)
+
+
+def _message_text(message) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
 class R2MRewardModel(nn.Module):
-    """A frozen reward model made real-time aligned (DESIGN §1).
+    """A frozen reward model made real-time aligned (docs/design.md §1).
 
     The RM is a `backbone` (called as backbone(input_ids=, attention_mask=, position_ids=),
     returning last_hidden_state or a tuple whose first item is it, (B, S, D_rm)) and a linear
@@ -52,7 +69,8 @@ class R2MRewardModel(nn.Module):
     vector on the RM's device, e.g. 16 KiB at D_rm = 4096 in fp32, so 64 MiB when full) and
     evicts the least recently used. 0 disables it.
     When the RM's tokenizer differs from the policy's, responses are re-tokenized from text with
-    the RM's tokenizer and chat template (prompt as the user turn, response as the assistant's).
+    the RM's tokenizer and chat template: a text prompt becomes the user turn and the response
+    the assistant's; a conversational prompt (a list of messages, TRL's format) keeps its turns.
     """
 
     def __init__(self, backbone: nn.Module, score_head: nn.Linear, policy_dim: int, *, tokenizer=None,
@@ -96,23 +114,31 @@ class R2MRewardModel(nn.Module):
 
     def rm_inputs(self, prompts, responses, *, input_ids=None, attention_mask=None, policy_tokenizer=None):
         """(input_ids, attention_mask) for the RM. The policy's own ids are reused when the RM
-        shares its tokenizer (or has none); otherwise the text is re-tokenized."""
+        shares its tokenizer (or has none); otherwise the text is re-tokenized. Prompts and
+        responses are strings, or TRL's conversational form (lists of role/content messages)."""
         if self.tokenizer is None or same_tokenizer(self.tokenizer, policy_tokenizer):
             if input_ids is None or attention_mask is None:
                 raise ValueError("input_ids and attention_mask are needed when the RM reuses the policy's tokens")
             return input_ids, attention_mask
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                             tokenize=False) for p, r in zip(prompts, responses)]
+            texts = [tok.apply_chat_template(self._conversation(p, r), tokenize=False) for p, r in zip(prompts, responses)]
             special = False  # the template already has them
         else:
-            texts, special = [p + r for p, r in zip(prompts, responses)], True
+            texts = ["".join(_message_text(m) for m in self._conversation(p, r)) for p, r in zip(prompts, responses)]
+            special = True
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         device = self.score_head.weight.device
         enc = tok(texts, padding=True, add_special_tokens=special, return_tensors="pt")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    @staticmethod
+    def _conversation(prompt, response) -> list[dict]:
+        messages = list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}]
+        if isinstance(response, (list, tuple)):
+            return messages + list(response)
+        return messages + [{"role": "assistant", "content": response}]
 
     # RTEs --------------------------------------------------------------------------------------
 

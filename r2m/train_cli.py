@@ -1,77 +1,288 @@
-"""`r2m train`: with no model given, the embedded demo (SmolLM2-135M-Instruct, a biased RM,
-static vs R2M side by side); with --policy and --reward-model, a training run on your models."""
+"""`r2m train`: R2M training on TRL (R2MRLOOTrainer or R2MGRPOTrainer).
+
+Settings come from TRL's own parser (TrlParser): TRL's config (RLOOConfig or GRPOConfig, by
+--trainer), the R2M section (R2MConfig) and the command's own arguments, from a YAML file
+(--config) and flags, flags last. With no --policy it runs the embedded demo. A bad value is
+one line naming the field, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = ("Train a policy against a real-time aligned reward model. With no --policy, runs the "
-        "embedded demo: SmolLM2-135M-Instruct trained against a deliberately biased reward model, "
-        "once with the static RM and once with R2M, ending with a table and a plot.")
+HELP = ("Train a policy with TRL against a real-time aligned reward model. With no --policy, runs the "
+        "embedded demo: SmolLM2-135M-Instruct trained against a deliberately biased reward model, once "
+        "with the static RM and once with R2M, ending with a table and a plot.")
+
+TRAINERS = ("rloo", "grpo")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+@dataclass
+class TrainArguments:
+    """What `r2m train` itself needs beside TRL's config and the R2M section."""
+
+    _argument_group_name = "r2m train"
+
+    policy: str | None = field(default=None, metadata={
+        "help": "policy: a transformers causal-LM folder (or hub id); omit for the demo"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "reward model: a transformers sequence-classification folder (or hub id) with one label"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "prompts: a text file (one per line, sent as the user turn when the tokenizer has a chat "
+                "template) or .jsonl with a 'prompt' field (text or TRL's list of messages)"})
+    trainer: str = field(default="rloo", metadata={"help": "TRL trainer", "choices": list(TRAINERS)})
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when present), cpu or cuda; several GPUs: launch with `accelerate launch`",
+        "choices": list(DEVICES)})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint-N in output_dir"})
+    tiny: bool = field(default=False, metadata={
+        "help": "demo with a tiny random-weight model instead of SmolLM2 (a smoke run in seconds)"})
+
+
+class UsageError(Exception):
+    """A bad setting: reported as one line, exit status 2."""
+
+
+def _make_parser(dataclass_types, defaults: dict):
+    """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors as one
+    line with exit status 2 (argparse's usage dump would bury the message)."""
+    from trl import TrlParser
+
+    class OneLineErrors(TrlParser):
+        def error(self, message):
+            self.exit(2, f"r2m train: error: {message}\n")
+
+    parser = OneLineErrors(dataclass_types, prog="r2m train", description=HELP)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def _prescan(argv: list[str]) -> tuple[dict, dict]:
+    """(the YAML file's mapping, the settings that pick defaults: trainer, device, policy), read
+    before the full parse; flags win over the file."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    for name in ("trainer", "device", "policy"):
+        pre.add_argument(f"--{name}")
+    known, _ = pre.parse_known_args(argv)
+    from_yaml = {}
+    if known.config is not None:
+        import yaml
+
+        try:
+            with open(known.config) as f:
+                from_yaml = yaml.safe_load(f)
+        except OSError as e:
+            raise UsageError(f"--config: cannot read {known.config}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UsageError(f"--config: {known.config} is not valid YAML ({first})") from None
+        if not isinstance(from_yaml, dict):
+            raise UsageError(f"--config: {known.config} must hold a mapping of settings, "
+                             f"not {type(from_yaml).__name__}")
+    picked = {name: getattr(known, name) if getattr(known, name) is not None else from_yaml.get(name)
+              for name in ("trainer", "device", "policy")}
+    return from_yaml, picked
+
+
+def _value_fits(hint, value) -> bool:
+    """Whether a YAML value fits a field's type. Strings are left to argparse, which converts
+    them with the field's type and reports what does not convert."""
+    if isinstance(value, str):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_value_fits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return False  # a non-string where a string is expected
+    if origin is list or hint is list:
+        return isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # Any and the like
+
+
+def _check_yaml(from_yaml: dict, dataclass_types) -> None:
+    hints, choices = {}, {}
+    for cls in dataclass_types:
+        cls_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                hints[f.name] = cls_hints[f.name]
+                if "choices" in f.metadata:
+                    choices[f.name] = f.metadata["choices"]
+    for key, value in from_yaml.items():
+        if key == "env":
+            continue
+        if key not in hints:
+            raise UsageError(f"{key}: unknown setting in the config file")
+        if not _value_fits(hints[key], value):
+            raise UsageError(f"{key}: {value!r} is not a valid {_type_name(hints[key])}")
+        if key in choices and value not in choices[key]:
+            raise UsageError(f"{key}: {value!r} is not one of {', '.join(map(str, choices[key]))}")
+
+
+def _type_name(hint) -> str:
+    names = [getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    return " or ".join(names)
+
+
+def parse(argv: list[str]):
+    """(TrainArguments, R2MConfig, RLOOConfig or GRPOConfig) from the YAML file and the flags."""
+    import torch
+    from trl import GRPOConfig, RLOOConfig
+
     from .config import R2MConfig
+    from .demo.run import demo_defaults
 
-    parser.add_argument("--config", metavar="YAML", help="R2MConfig values from a YAML file (flags override)")
-    parser.add_argument("--policy", help="policy: a transformers causal-LM folder (omit for the demo)")
-    parser.add_argument("--reward-model", help="RM: a transformers sequence-classification folder (one label)")
-    parser.add_argument("--prompts", help="prompts: a text file, one per line, or .jsonl with a 'prompt' field")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    parser.add_argument("--tiny", action="store_true",
-                        help="demo with a tiny random-weight model instead of SmolLM2 (a smoke run in seconds)")
-    R2MConfig.add_arguments(parser)
-
-
-def build_config(args):
-    """R2MConfig defaults, then (demo only) the demo's defaults for the device the run will use,
-    then the YAML file, then the flags. The device is resolved from the YAML file and the flags
-    first, so `device: cuda` in the file picks the CUDA demo settings as --device cuda does."""
-    from .config import R2MConfig
-    from .demo.run import DEMO_CPU, DEMO_CUDA
-
-    from_yaml = R2MConfig.read_yaml(args.config) if args.config else {}
-    base = R2MConfig()
-    if args.policy is None:
-        device = getattr(args, "device", from_yaml.get("device", base.device))
-        base = base.replace(**(DEMO_CUDA if str(device).startswith("cuda") else DEMO_CPU))
-    return R2MConfig.from_args(args, base.replace(**from_yaml))
-
-
-def load_prompts(path) -> list[str]:
-    text = Path(path).read_text()
-    if str(path).endswith(".jsonl"):
-        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-    return [line for line in text.splitlines() if line.strip()]
+    from_yaml, picked = _prescan(argv)
+    trainer = picked["trainer"] or "rloo"
+    if trainer not in TRAINERS:
+        raise UsageError(f"trainer: {trainer!r} is not one of {', '.join(TRAINERS)}")
+    device = picked["device"] or "auto"
+    if device not in DEVICES:
+        raise UsageError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    types_ = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
+    _check_yaml(from_yaml, types_)
+    defaults = {"report_to": "none", "logging_steps": 1}
+    if picked["policy"] is None:
+        defaults.update(demo_defaults(on_cpu))
+    if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
+        defaults.update(use_cpu=True, bf16=False)
+    parser = _make_parser(types_, defaults)
+    try:
+        return parser.parse_args_and_config(argv)
+    except (ValueError, TypeError) as e:  # a dataclass's own check (__post_init__)
+        raise UsageError(str(e).strip().splitlines()[0]) from None
 
 
-def run(args) -> int:
-    config = build_config(args)
-    if args.policy is None:
-        if args.resume or args.reward_model or args.prompts:
-            raise SystemExit("--resume, --reward-model and --prompts need --policy (the demo takes none)")
-        from .demo.run import run_demo
+def _local_or_hub(name: str, value: str) -> str:
+    """`value` as a local folder, or as a hub id (`name` or `org/name`) when no such folder
+    exists; a path that can only be local and does not exist is an error, not a hub lookup."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UsageError(f"{name}: {value} is a file; expected a model folder")
+    if value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value:
+        raise UsageError(f"{name}: no such folder: {value}")
+    return value
 
-        run_demo(config, tiny=args.tiny)
-        return 0
-    if not (args.reward_model and args.prompts):
-        raise SystemExit("--policy needs --reward-model and --prompts")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+def load_prompts(path: str, tokenizer) -> list:
+    """Prompts in TRL's dataset form: conversational when the tokenizer has a chat template."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"prompts: cannot read {path}: {e.strerror or e}") from None
+    if path.endswith(".jsonl"):
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"prompts: {path} line {number} is not a JSON object with a 'prompt' field") from None
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if getattr(tokenizer, "chat_template", None):
+            prompts = [[{"role": "user", "content": p}] for p in prompts]
+    if not prompts:
+        raise UsageError(f"prompts: {path} has no prompts")
+    return prompts
+
+
+def _load(name: str, loader, value: str):
+    try:
+        return loader(value)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{name}: cannot load {value}: {str(e).strip().splitlines()[0]}") from None
+
+
+def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
+    """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .integrations.trl import check_resumable, read_checkpoint_state
+
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        raise UsageError(f"resume: no checkpoint-N folder in {output_dir}")
+    try:
+        state = read_checkpoint_state(last)
+        if max_steps > 0:
+            check_resumable(state, last, mode, max_steps)
+        elif state["mode"] != mode:
+            check_resumable(state, last, mode, state["max_steps"])
+    except ValueError as e:
+        raise UsageError(f"resume: {e}") from None
+    return last
+
+
+def train(script: TrainArguments, r2m_config, args) -> int:
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
     from .reward_model import R2MRewardModel
-    from .trainer import R2MTrainer
 
-    policy = AutoModelForCausalLM.from_pretrained(args.policy)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy)
-    rm_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1)
+    if not (script.reward_model and script.prompts):
+        raise UsageError("policy: --policy needs --reward_model and --prompts")
+    policy = _local_or_hub("policy", script.policy)
+    rm_source = _local_or_hub("reward_model", script.reward_model)
+    policy_config = _load("policy", AutoConfig.from_pretrained, policy)
+    tokenizer = _load("policy", lambda p: AutoTokenizer.from_pretrained(p, padding_side="left"), policy)
+    prompts = load_prompts(script.prompts, tokenizer)
+    checkpoint = check_resume(args.output_dir, r2m_config.mode, args.max_steps) if script.resume else None
+    rm_model = _load("reward_model", lambda p: AutoModelForSequenceClassification.from_pretrained(p, num_labels=1),
+                     rm_source)
     rm = R2MRewardModel.from_sequence_classifier(
-        rm_model, policy.config.hidden_size, tokenizer=AutoTokenizer.from_pretrained(args.reward_model),
-        attn_dim=config.attn_dim, num_heads=config.num_heads, omega_floor=config.omega_floor)
-    trainer = R2MTrainer(config, policy, tokenizer, rm, load_prompts(args.prompts))
-    if args.resume:
-        trainer.load_checkpoint()
-    trainer.train()
-    print(f"metrics: {trainer.metrics_path}; checkpoint: {trainer.output_dir / 'checkpoint'}")
+        rm_model, policy_config.get_text_config().hidden_size,
+        tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source),
+        attn_dim=r2m_config.attn_dim, num_heads=r2m_config.num_heads, omega_floor=r2m_config.omega_floor)
+    trainer_cls = R2MRLOOTrainer if script.trainer == "rloo" else R2MGRPOTrainer
+    trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+    if trainer.accelerator.is_main_process:
+        print(f"metrics: {Path(args.output_dir) / 'trainer_state.json'} (log_history)")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    try:
+        script, r2m_config, args = parse(argv)
+        if script.policy is None:
+            if script.resume or script.reward_model or script.prompts:
+                raise UsageError("policy: --resume, --reward_model and --prompts need --policy (the demo takes none)")
+            from .demo.run import run_demo
+
+            run_demo(script, r2m_config, args)
+            return 0
+        return train(script, r2m_config, args)
+    except UsageError as e:
+        print(f"r2m train: error: {e}", file=sys.stderr)
+        return 2

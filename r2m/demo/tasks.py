@@ -44,3 +44,21 @@ def gold_reward(prompt: str, response: str) -> float:
     if not set(TASKS[prompt]) & set(found):
         return 0.0
     return min(1.0, BRIEF_WORDS / len(found))
+
+
+def _text(message_or_text) -> str:
+    """The text of a TRL prompt or completion: a string, or the last message of a list."""
+    if isinstance(message_or_text, str):
+        return message_or_text
+    return message_or_text[-1]["content"]
+
+
+def _question(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return [m for m in prompt if m["role"] == "user"][-1]["content"]
+
+
+def gold_reward_func(prompts, completions, **kwargs) -> list[float]:
+    """gold_reward in TRL's reward-function form: the demo's judge (logged, never optimised)."""
+    return [gold_reward(_question(p), _text(c)) for p, c in zip(prompts, completions)]

@@ -64,13 +64,9 @@ def tiny_judge(prompt: str, response: str) -> float:
     return float(response.strip().startswith(str(int(a) + int(b))))
 
 
-def tiny_setup(seed: int = 0, attn_dim: int = 16):
-    """(policy, tokenizer, R2MRewardModel, prompts, judge), all tiny, reproducible from `seed`."""
-    from ..reward_model import R2MRewardModel
+def tiny_judge_func(prompts, completions, **kwargs) -> list[float]:
+    """tiny_judge in TRL's reward-function form (text or conversational prompts)."""
+    def text(x, role):
+        return x if isinstance(x, str) else [m for m in x if m["role"] == role][-1]["content"]
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    policy = tiny_policy(tokenizer)
-    backbone, score = tiny_reward_backbone(tokenizer)
-    rm = R2MRewardModel(backbone, score, policy.config.hidden_size, attn_dim=attn_dim, num_heads=2)
-    return policy, tokenizer, rm, TINY_PROMPTS, tiny_judge
+    return [tiny_judge(text(p, "user"), text(c, "assistant")) for p, c in zip(prompts, completions)]
