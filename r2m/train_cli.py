@@ -54,13 +54,13 @@ class UsageError(Exception):
 
 
 def _make_parser(dataclass_types, defaults: dict):
-    """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors as one
-    line with exit status 2 (argparse's usage dump would bury the message)."""
+    """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors raised as
+    UsageError (one line; argparse's usage dump would bury the message)."""
     from trl import TrlParser
 
     class OneLineErrors(TrlParser):
         def error(self, message):
-            self.exit(2, f"r2m train: error: {message}\n")
+            raise UsageError(message)
 
     parser = OneLineErrors(dataclass_types, prog="r2m train", description=HELP)
     parser.set_defaults(**defaults)
@@ -243,7 +243,7 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
 
 def train(script: TrainArguments, r2m_config, args) -> int:
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
     from .integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
     from .reward_model import R2MRewardModel
@@ -258,6 +258,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     checkpoint = check_resume(args.output_dir, r2m_config.mode, args.max_steps) if script.resume else None
     rm_model = _load("reward_model", lambda p: AutoModelForSequenceClassification.from_pretrained(p, num_labels=1),
                      rm_source)
+    set_seed(args.seed)  # the head's initialisation, like everything after it, follows the seed
     rm = R2MRewardModel.from_sequence_classifier(
         rm_model, policy_config.get_text_config().hidden_size,
         tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source),

@@ -174,7 +174,7 @@ def run_demo(script, r2m_config, args, *, log=print) -> dict:
     import dataclasses
 
     from datasets import Dataset
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer, set_seed
 
     from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
 
@@ -206,6 +206,7 @@ def run_demo(script, r2m_config, args, *, log=print) -> dict:
         run_args = copy.deepcopy(args)
         run_args.output_dir = str(out / mode)
         run_r2m = dataclasses.replace(r2m_config, mode=mode)
+        set_seed(args.seed)  # each run's head starts the same
         rm = R2MRewardModel(backbone, copy.deepcopy(score), backbone.config.hidden_size,
                             attn_dim=run_r2m.attn_dim, num_heads=run_r2m.num_heads, omega_floor=run_r2m.omega_floor)
         policy = load_policy(folder, TRAIN_LAST_LAYERS_ON_CPU if on_cpu else None)

@@ -1,0 +1,153 @@
+"""`r2m train` on tiny models saved to folders: TRL's parser with the R2M section, one-line
+errors with exit status 2, the same metrics for the same seed, resume, the tiny demo."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from r2m.cli import main  # noqa: E402
+
+from .trl_tiny import metrics, save_tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+def command(models, out, *extra):
+    return ["train", "--policy", str(models / "policy"), "--reward_model", str(models / "rm"),
+            "--prompts", str(models / "prompts.txt"), "--output_dir", str(out), "--device", "cpu",
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+            "--max_completion_length", "5", "--attn_dim", "8", "--head_learning_rate", "1e-2",
+            "--disable_tqdm", "true", *extra]
+
+
+def log_history(out):
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def fails_with(argv, capsys, *needles):
+    """main(argv) exits 2 with one line on stderr that contains every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("r2m train: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_same_seed_same_metrics_and_resume(models, tmp_path, capsys):
+    """Twice the same command: the same metrics. A run cut after its checkpoint at step 2 and
+    resumed with --resume logs the uninterrupted run's metrics for step 3."""
+    first = command(models, tmp_path / "a", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                    "--trainer", "grpo")
+    assert main(first) == 0
+    assert main(command(models, tmp_path / "b", "--max_steps", "3", "--trainer", "grpo")) == 0
+    want = metrics(log_history(tmp_path / "a"))
+    assert len(want) == 3 and want == metrics(log_history(tmp_path / "b"))
+    assert len({row["r2m/grebt_loss"] for row in want}) == 3
+
+    shutil.rmtree(tmp_path / "a" / "checkpoint-3")  # as if the run had stopped after step 2
+    (tmp_path / "a" / "trainer_state.json").unlink()
+    assert main(first + ["--resume", "true"]) == 0
+    assert metrics(log_history(tmp_path / "a")) == want
+    assert "trainer_state.json" in capsys.readouterr().out
+
+    fails_with(first + ["--resume", "true", "--mode", "static"], capsys, "resume:", "mode 'r2m'", "'static'")
+    fails_with(first + ["--resume", "true", "--max_steps", "5"], capsys, "resume:", "max_steps=3", "max_steps=5")
+    fails_with(command(models, tmp_path / "empty", "--resume", "true"), capsys, "resume: no checkpoint")
+
+
+def test_rloo_from_a_yaml_file(models, tmp_path):
+    """The R2M section and TRL's settings from one YAML file (flags override it)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer: rloo\nmode: gre-only\nmax_steps: 1\nbeta: 0.1\nlearning_rate: 1e-4\n")
+    assert main(command(models, tmp_path / "out", "--config", str(config), "--max_steps", "1")) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 1 and "kl" in state["log_history"][0]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--max_steps", "abc"], ["--max_steps", "invalid int value: 'abc'"]),
+    (["--max_steps", "2.5"], ["--max_steps", "invalid int value: '2.5'"]),
+    (["--mode", "gold"], ["--mode", "invalid choice: 'gold'"]),
+    (["--attn_dim", "0"], ["attn_dim must be an integer >= 1"]),
+    (["--head_learning_rate", "-1"], ["head_learning_rate"]),
+    (["--num_generations", "3"], ["generation_batch_size (8) must be divisible by num_generations (3)"]),
+    (["--trainer", "ppo"], ["trainer: 'ppo'"]),
+    (["--device", "tpu"], ["device: 'tpu'"]),
+    (["--no_such_flag", "1"], ["--no_such_flag"]),
+])
+def test_bad_flags(models, tmp_path, capsys, extra, needles):
+    fails_with(command(models, tmp_path) + extra, capsys, *needles)
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("max_steps: 2.5\n", ["max_steps: 2.5 is not a valid int"]),
+    ("num_iterations: abc\n", ["--num_iterations", "invalid int value: 'abc'"]),
+    ("learning_rate: [1]\n", ["learning_rate: [1] is not a valid float"]),
+    ("mode: 3\n", ["mode: 3 is not a valid str"]),
+    ("mode: gold\n", ["mode: 'gold' is not one of r2m"]),
+    ("stepz: 3\n", ["stepz: unknown setting"]),
+    ("- a\n- b\n", ["--config", "must hold a mapping"]),
+    ("max_steps: [1\n", ["--config", "is not valid YAML"]),
+])
+def test_bad_config_files(models, tmp_path, capsys, text, needles):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    fails_with(command(models, tmp_path / "out", "--config", str(path)), capsys, *needles)
+
+
+def test_missing_files_and_devices(models, tmp_path, capsys):
+    fails_with(command(models, tmp_path, "--config", str(tmp_path / "none.yaml")), capsys, "--config", "none.yaml")
+    for local in ("./no/such/model", str(tmp_path / "nowhere")):
+        err = fails_with(command(models, tmp_path, "--policy", local), capsys, "policy: no such folder")
+        assert "hub" not in err.lower() and "repo" not in err.lower()
+    fails_with(command(models, tmp_path, "--policy", str(models / "prompts.txt")), capsys, "policy:", "is a file")
+    fails_with(command(models, tmp_path, "--reward_model", str(tmp_path)), capsys, "reward_model: cannot load")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    fails_with(command(models, tmp_path, "--prompts", str(empty)), capsys, "prompts:", "has no prompts")
+    fails_with(command(models, tmp_path, "--prompts", str(tmp_path / "none.txt")), capsys, "prompts: cannot read")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="}\n{"question": "x"}\n')
+    fails_with(command(models, tmp_path, "--prompts", str(bad)), capsys, "prompts:", "line 2")
+    fails_with(["train", "--resume", "true"], capsys, "need --policy")
+    if not torch.cuda.is_available():
+        fails_with(command(models, tmp_path, "--device", "cuda"), capsys, "device: cuda", "no CUDA device")
+
+
+def test_tiny_demo_end_to_end(tmp_path, capsys):
+    """The demo driver (static vs r2m on TRL, table, plot) on the tiny model."""
+    argv = ["train", "--tiny", "--device", "cpu", "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--max_completion_length", "4", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "static proxy" in out and "r2m gold" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["static", "r2m"] and all(len(rows) == 2 for rows in summary.values())
+    # same seed, same prompts: step 0 is identical, and at omega = 1 so are the rewards
+    assert summary["static"][0]["reward"] == summary["r2m"][0]["reward"]
+    assert summary["static"][0]["r2m/rm_reward"] == summary["r2m"][0]["r2m/rm_reward"]
+    assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def test_demo_gold_judge():
+    from r2m.demo import tasks
+
+    sum_prompt = "What is 7 + 5? Answer with just the number."
+    word_prompt = "What is the capital of France? Answer with one word."
+    assert set(tasks.PROMPTS) == set(tasks.TASKS) and len(tasks.PROMPTS) == len(set(tasks.PROMPTS))
+    assert tasks.gold_reward(sum_prompt, "12") == 1.0
+    assert tasks.gold_reward(word_prompt, "Paris.") == 1.0
+    assert tasks.gold_reward(sum_prompt, "13") == 0.0
+    assert tasks.gold_reward(sum_prompt, "The answer is clearly 12, of course") == pytest.approx(3 / 7)
+    assert tasks.gold_reward(word_prompt, "London is not it") == 0.0
+    conversational = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": sum_prompt}]]
+    assert tasks.gold_reward_func(conversational, [[{"role": "assistant", "content": "12"}]]) == [1.0]
+    assert tasks.gold_reward_func([word_prompt], ["Rome"]) == [0.0]
