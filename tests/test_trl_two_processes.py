@@ -1,0 +1,72 @@
+"""Two processes on the CPU (torchrun, gloo) running R2MGRPOTrainer: a group of K completions
+straddles the ranks; the all-reduced head gradient equals the single-process gradient of the
+whole batch's GREBT loss, and both ranks end with bitwise equal heads."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from r2m import GREBTLoss, R2MHead  # noqa: E402
+
+from .trl_tiny import POLICY_DIM, RM_DIM, save_tiny_models  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("trl_two_ranks.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, S, ...) right-padded with zeros to (B, width, ...) (the mask marks what is valid)."""
+    pad = torch.zeros((t.shape[0], width - t.shape[1]) + t.shape[2:], dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path):
+    models = save_tiny_models(tmp_path / "models")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(SCRIPT), str(models), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+
+    # 6 rows per rank, groups of 4: rows 4-7 are one prompt's group, split 2 + 2 across the ranks
+    for step_prompts in zip(ranks[0]["prompts"], ranks[1]["prompts"]):
+        whole = step_prompts[0] + step_prompts[1]
+        assert len(whole) == 12 and all(len(set(whole[g * 4:g * 4 + 4])) == 1 for g in range(3))
+    assert len(ranks[0]["updates"]) == len(ranks[1]["updates"]) == 2
+
+    for update0, update1 in zip(ranks[0]["updates"], ranks[1]["updates"]):
+        for name in update0["head_before"]:
+            assert torch.equal(update0["head_before"][name], update1["head_before"][name]), name
+        width = max(update0["hidden"].shape[1], update1["hidden"].shape[1])
+        rte = torch.cat([update0["rte"], update1["rte"]])
+        hidden = torch.cat([pad_to(update0["hidden"], width), pad_to(update1["hidden"], width)])
+        mask = torch.cat([pad_to(update0["mask"], width), pad_to(update1["mask"], width)])
+        head = R2MHead(RM_DIM, POLICY_DIM, attn_dim=16, num_heads=2)
+        head.load_state_dict(update0["head_before"])
+        loss = GREBTLoss(alpha=0.3)(head(rte, hidden, mask=mask, omega=update0["omega"]), group_size=4)
+        loss.backward()
+        assert update0["omega"] < 1 or update0 is ranks[0]["updates"][0]
+        for name, p in head.named_parameters():
+            assert torch.equal(update0["grads"][name], update1["grads"][name]), name
+            torch.testing.assert_close(update0["grads"][name], p.grad, rtol=0, atol=1e-6, msg=name)
+        assert any(g.abs().max() > 1e-4 for g in update0["grads"].values())
+    # at omega < 1 every parameter has a gradient, so the comparison above covers the attention block
+    last = ranks[0]["updates"][-1]
+    assert last["omega"] < 1 and all(g.abs().max() > 0 for g in last["grads"].values())
+    for name, value in ranks[0]["head"].items():
+        assert torch.equal(value, ranks[1]["head"][name]), name

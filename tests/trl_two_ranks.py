@@ -1,0 +1,49 @@
+"""One rank of the two-process test (tests/test_trl_two_processes.py), launched by torchrun on
+the CPU (gloo): 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
+second group straddles the ranks. Each rank saves, per head update, its inputs, the head before
+the step and the all-reduced gradients, and its final head, to OUT/rank{r}.pt.
+
+usage: torchrun --nproc_per_node 2 tests/trl_two_ranks.py MODELS OUT
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.trl_tiny import make_trainer, snapshot  # noqa: E402
+
+
+def main(models: Path, out: Path) -> None:
+    trainer, rm = make_trainer(models, "grpo", out / "run", max_steps=2, per_device_train_batch_size=6)
+    rank = trainer.accelerator.process_index
+    updates, prompts = [], []
+    head_update = trainer.head_update
+    step = head_update.step
+
+    def record_step(rte, hidden, mask, omega, group_size):
+        updates.append(dict(rte=rte.clone(), hidden=hidden.clone(), mask=mask.clone(), omega=omega,
+                            group_size=group_size, head_before=snapshot(rm.head)))
+        return step(rte, hidden, mask, omega, group_size)
+
+    def keep_gradients(optimizer, args, kwargs):
+        updates[-1]["grads"] = {name: p.grad.clone() for name, p in rm.head.named_parameters()}
+
+    head_update.step = record_step
+    head_update.optimizer.register_step_pre_hook(keep_gradients)
+    calculate_rewards = trainer._calculate_rewards
+
+    def record_prompts(inputs, prompt_list, completions, completion_ids):
+        prompts.append([p[-1]["content"] for p in prompt_list])
+        return calculate_rewards(inputs, prompt_list, completions, completion_ids)
+
+    trainer._calculate_rewards = record_prompts
+    trainer.train()
+    torch.save({"world_size": trainer.accelerator.num_processes, "updates": updates, "prompts": prompts,
+                "head": snapshot(rm.head)}, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
