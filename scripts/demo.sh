@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run the demo on a fresh clone: create (or reuse) .venv, install r2m with its demo
-# extras, then `r2m train` with its defaults: SmolLM2-135M-Instruct trained against a
-# deliberately biased reward model, static RM vs R2M, ending with a table and
-# runs/demo/demo.png. Extra arguments go to `r2m train` (e.g. --steps 20, --device cuda).
+# extras (TRL included), then `r2m train` with its defaults: SmolLM2-135M-Instruct trained with
+# TRL's RLOO against a deliberately biased reward model, static RM vs R2M, ending with a table
+# and runs/demo/demo.png. Extra arguments go to `r2m train` (e.g. --max_steps 20, --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
