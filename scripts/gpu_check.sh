@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# Everything owed to a GPU, in one call: build the CUDA extension, run the gpu tests, the
+# benchmarks, compute-sanitizer and the SASS check, each stage under its own time limit.
+#
+#   bash scripts/gpu_check.sh --out DIR [--budget SECONDS] [--stages a,b,...] [--label TEXT]
+#   bash scripts/gpu_check.sh --dry-run [--out DIR] [--budget SECONDS] [--stages a,b,...]
+#   (--python PYTHON picks the interpreter; python3 by default; --budget 540 by default)
+#
+# Through the device tool, from the repository root:
+#   bash scripts/gpu_check.sh --out $OUT/gpu --budget 540          (timeout_s 600)
+#
+# Stage limits are shares of the time still left, by weight, never under a stage's minimum,
+# leaving the later stages theirs where that does not cut an earlier one below its own; a
+# stage that needs less hands its time on. A stage
+# that runs out of time is marked TIMEOUT (it gets Ctrl-C first, so pytest still writes its
+# report) and the next one runs. --stages reruns a subset (build is cheap to repeat on a warm
+# machine: ninja skips what is built).
+#
+# DIR receives at most 8 files (the device tool returns 8): summary.md, logs.tar.gz,
+# bench.csv, bench.json and one PNG per bench op (pool, head, grebt, update). summary.md and
+# logs.tar.gz are rewritten after every stage, so a run cut short keeps what finished.
+# Exit status: 0 when every stage passed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS="$ROOT/scripts/gpu_check_tools.py"
+CASES="$ROOT/scripts/gpu_kernel_cases.py"
+
+# name | weight | minimum seconds | what it checks
+STAGE_TABLE='
+build|12|60|CUDA extension r2m_kernels._cuda built by pip for this GPU'"'"'s architecture
+pytest-gpu|30|90|pytest -m gpu: triton and cuda against float64, bf16/fp16/fp32
+bench-pool|10|45|r2m bench pool at paper-8b and heads, every backend
+bench-head|12|60|r2m bench head (with torch.compile) at paper-8b and heads
+bench-grebt|5|30|r2m bench grebt at paper-8b (64 groups of 8) and groups-16k
+bench-update|7|40|r2m bench update at paper-8b and heads
+kernel-cases|5|30|each kernel once at small odd sizes against float64 (fills the Triton cache)
+memcheck|9|45|compute-sanitizer memcheck on those cases, triton and cuda
+racecheck|6|30|compute-sanitizer racecheck then synccheck on the cuda cases
+sass|2|15|cuda SASS: 128-bit loads in the pool kernels, no local memory (Triton reported)
+pool-variants|4|30|benchmarks/pool_variants.py: per-head against many-head Triton pool, n_h 1..32
+'
+declare -a STAGES=()
+declare -A WEIGHT=() MINIMUM=() WHAT=()
+while IFS='|' read -r name weight minimum what; do
+  [[ -n "$name" ]] || continue
+  STAGES+=("$name"); WEIGHT[$name]=$weight; MINIMUM[$name]=$minimum; WHAT[$name]=$what
+done <<<"$STAGE_TABLE"
+
+# Sizes per bench op. grebt's cost does not depend on n_h, so heads would repeat paper-8b:
+# it runs at the GREBT issue's large case instead.
+declare -A BENCH_SIZES=([pool]="paper-8b heads" [head]="paper-8b heads" [grebt]="paper-8b groups-16k"
+                        [update]="paper-8b heads")
+PYTEST_SELECTION=(-m gpu tests -p no:cacheprovider --continue-on-collection-errors)
+RESERVE=10          # seconds kept for the last summary
+MIN_STAGE=10        # a stage with less than this left is skipped
+KILL_AFTER=10       # seconds between Ctrl-C and SIGKILL for a stage's command
+
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
+die() { echo "gpu_check: $*" >&2; exit 2; }
+
+OUT_DIR="" BUDGET=540 DRY_RUN=0 LABEL="" SELECTED="" PYTHON=${PYTHON:-python3}
+while (( $# )); do
+  case "$1" in
+    --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
+    --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
+    --stages) SELECTED=${2:?--stages needs a comma-separated list}; shift 2 ;;
+    --label) LABEL=${2:?--label needs a text}; shift 2 ;;
+    --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || die "--budget must be a whole number of seconds, got '$BUDGET'"
+DRY_OUT_TEMPORARY=0
+if (( DRY_RUN )); then
+  [[ -n "$OUT_DIR" ]] || { OUT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/r2m-gpu-check-dry.XXXXXX"); DRY_OUT_TEMPORARY=1; }
+else
+  [[ -n "$OUT_DIR" ]] || die "--out DIR is required (see --help)"
+fi
+if [[ -n "$SELECTED" ]]; then
+  declare -a CHOSEN=()
+  IFS=',' read -r -a wanted <<<"$SELECTED"
+  for name in "${wanted[@]}"; do
+    [[ -n "${WEIGHT[$name]:-}" ]] || die "unknown stage '$name'; stages: ${STAGES[*]}"
+  done
+  for name in "${STAGES[@]}"; do  # table order, whatever order they were given in
+    [[ ",$SELECTED," == *",$name,"* ]] && CHOSEN+=("$name")
+  done
+  STAGES=("${CHOSEN[@]}")
+fi
+
+# ---- time -------------------------------------------------------------------------------------
+
+# Seconds for stage $1 when $2 seconds of the budget are used: its weight's share of what is
+# left, at least its minimum, leaving every later stage its minimum unless that would cut this
+# one below its own (earlier stages come first).
+stage_limit() {
+  local stage=$1 used=$2 left later_min=0 weights=0 seen=0 share limit cap name
+  left=$(( BUDGET - RESERVE - used ))
+  for name in "${STAGES[@]}"; do
+    [[ "$name" == "$stage" ]] && seen=1
+    (( seen )) || continue
+    weights=$(( weights + WEIGHT[$name] ))
+    [[ "$name" != "$stage" ]] && later_min=$(( later_min + MINIMUM[$name] ))
+  done
+  share=$(( left * WEIGHT[$stage] / weights ))
+  limit=$(( share > MINIMUM[$stage] ? share : MINIMUM[$stage] ))
+  cap=$(( left - later_min ))
+  (( cap < MINIMUM[$stage] )) && cap=${MINIMUM[$stage]}
+  (( limit > cap )) && limit=$cap
+  (( limit > left )) && limit=$left
+  echo $(( limit > 0 ? limit : 0 ))
+}
+
+# Runs a command until the current stage's deadline: Ctrl-C then, SIGKILL KILL_AFTER later.
+# Exit status 124 when the time ran out. In a dry run it prints the command instead.
+# timeout runs in the background and is waited for, so that a signal to this script reaches
+# finish() at once (bash defers traps while a foreground command runs); timeout leads its own
+# process group, which finish() interrupts.
+limited() {
+  if (( DRY_RUN )); then echo "    \$ $*"; return 0; fi
+  local left=$(( STAGE_DEADLINE - SECONDS )) rc=0
+  (( left > 0 )) || return 124
+  echo "\$ $*"
+  timeout --signal=INT --kill-after="$KILL_AFTER" "$left" "$@" &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return "$rc"
+}
+
+# ---- stages (each writes to its log; returns 0 pass, 124 out of time, else fail; NOTE is
+#      one line for the summary's table) ------------------------------------------------------
+
+stage_build() {
+  local arch=9.0  # this GPU's compute capability; nvcc builds for it alone
+  if (( ! DRY_RUN )); then
+    arch=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null) || arch=9.0
+  fi
+  NOTE="sm $arch"
+  # --no-index: the GPU machine reaches no registry, and pip must not wait for one.
+  limited env MAX_JOBS="$(nproc)" R2M_CUDA_ARCHS="$arch" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -v -e "$ROOT" || return
+  limited "$PYTHON" -c 'import r2m_kernels, r2m_kernels._cuda as ext; print("extension:", ext.__file__); print("available backends:", r2m_kernels.available_backends())'
+}
+
+stage_pytest_gpu() {
+  local extra=()
+  # The GPU machine has both plugins; without them the stage runs serially, with no per-test limit.
+  local workers=$(( $(nproc) / 2 > 8 ? 8 : $(nproc) / 2 ))
+  if "$PYTHON" -c 'import xdist' 2>/dev/null; then extra+=(-n "$(( workers > 1 ? workers : 1 ))"); fi
+  if "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then extra+=(--timeout 300 -o timeout_method=thread); fi
+  local rc=0
+  limited "$PYTHON" -m pytest "${PYTEST_SELECTION[@]}" -v --junitxml="$WORK/pytest-gpu.xml" \
+    ${extra[@]+"${extra[@]}"} || rc=$?
+  (( DRY_RUN || rc != 0 )) && return "$rc"
+  # All skipped (torch saw no GPU) is no pass.
+  "$PYTHON" "$TOOLS" pytest-counts --xml "$WORK/pytest-gpu.xml" --log "$WORK/pytest-gpu.log" --require-passed
+}
+
+bench_args() {  # BENCH_ARGS: the arguments of `r2m bench` for op $1 (the dry run checks them too)
+  # shellcheck disable=SC2206  # the sizes are separate words
+  BENCH_ARGS=(--device cuda --ops "$1" --sizes ${BENCH_SIZES[$1]} --out "$WORK/bench-$1")
+}
+bench() {
+  bench_args "$1"
+  limited "$PYTHON" -m r2m.cli bench "${BENCH_ARGS[@]}"
+}
+stage_bench_pool() { bench pool; }
+stage_bench_head() { bench head; }
+stage_bench_grebt() { bench grebt; }
+stage_bench_update() { bench update; }
+
+stage_kernel_cases() {
+  limited "$PYTHON" "$CASES" --report "$WORK/kernel-cases.md"
+}
+
+find_sanitizer() {
+  SANITIZER=$("$PYTHON" "$TOOLS" which compute-sanitizer 2>/dev/null) && return 0
+  (( DRY_RUN )) && SANITIZER=compute-sanitizer && return 0
+  NOTE="compute-sanitizer not found"
+  echo "$NOTE"
+  return 2
+}
+
+stage_memcheck() {
+  find_sanitizer || return
+  # Without the caching allocator each tensor is its own allocation, so memcheck sees an
+  # access past any tensor's end. API errors are torch's own probing, not the kernels'.
+  limited env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --report-api-errors no \
+    --error-exitcode 3 "$PYTHON" "$CASES" --report "$WORK/memcheck-cases.md"
+}
+
+stage_racecheck() {
+  find_sanitizer || return
+  local race=0 sync=0 deadline=$STAGE_DEADLINE
+  STAGE_DEADLINE=$(( SECONDS + (deadline - SECONDS) / 2 ))  # racecheck: the first half
+  limited "$SANITIZER" --tool racecheck --racecheck-report all --report-api-errors no --error-exitcode 3 \
+    "$PYTHON" "$CASES" --backends cuda --report "$WORK/racecheck-cases.md" || race=$?
+  STAGE_DEADLINE=$deadline
+  limited "$SANITIZER" --tool synccheck --report-api-errors no --error-exitcode 3 \
+    "$PYTHON" "$CASES" --backends cuda --report "$WORK/synccheck-cases.md" || sync=$?
+  return $(( race != 0 ? race : sync ))
+}
+
+stage_sass() {
+  local cuobjdump extension
+  cuobjdump=$("$PYTHON" "$TOOLS" which cuobjdump 2>/dev/null) || cuobjdump=""
+  extension=$(compgen -G "$ROOT/r2m_kernels/_cuda*.so" | head -n 1 || true)
+  if [[ -z "$extension" ]] && (( ! DRY_RUN )); then  # built somewhere else: ask Python where
+    extension=$("$PYTHON" -c 'import r2m_kernels._cuda as m; print(m.__file__)' 2>/dev/null) || extension=""
+  fi
+  if (( DRY_RUN )); then
+    cuobjdump=${cuobjdump:-cuobjdump} extension=${extension:-$ROOT/r2m_kernels/_cuda.so}
+  fi
+  [[ -n "$cuobjdump" ]] || { NOTE="cuobjdump not found"; echo "$NOTE"; return 2; }
+  [[ -n "$extension" ]] || { NOTE="no built extension r2m_kernels._cuda"; echo "$NOTE"; return 2; }
+  limited "$PYTHON" "$TOOLS" sass --cuobjdump "$cuobjdump" --extension "$extension" \
+    --triton-cache "$TRITON_CACHE_DIR" --report "$WORK/sass.md" --listing "$WORK/sass-cuda.txt"
+}
+
+stage_pool_variants() {
+  limited "$PYTHON" benchmarks/pool_variants.py
+}
+
+# ---- bookkeeping ------------------------------------------------------------------------------
+
+publish() {
+  "$PYTHON" "$TOOLS" publish --work "$WORK" --out "$OUT_DIR" "$@" ||
+    echo "gpu_check: could not write $OUT_DIR/summary.md" >&2
+}
+
+record() {  # name status seconds limit note; the line on the console (fd 3) too
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$WORK/stages.tsv"
+  rm -f "$WORK/running"
+  printf '[%4d s] %-14s %-11s %4s s of %4s s  %s\n' "$SECONDS" "$1" "$2" "$3" "$4" "$5" >&3
+}
+
+run_stage() {
+  local name=$1 limit start rc=0 status
+  limit=$(stage_limit "$name" "$SECONDS")
+  if (( limit < MIN_STAGE )); then
+    record "$name" SKIPPED 0 "$limit" "not enough of the budget left"
+    publish
+    return
+  fi
+  NOTE="" start=$SECONDS STAGE_DEADLINE=$(( SECONDS + limit ))
+  printf '%s\t%s\t%s\n' "$name" "$limit" "$(date +%s)" >"$WORK/running"
+  "stage_${name//-/_}" >"$WORK/$name.log" 2>&1 || rc=$?
+  case $rc in
+    0) status=PASS ;;
+    124|137) status=TIMEOUT ;;
+    *) status=FAIL ;;
+  esac
+  record "$name" "$status" "$(( SECONDS - start ))" "$limit" "$NOTE"
+  publish
+}
+
+collect_info() {
+  local info="$WORK/info.tsv"
+  {
+    printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    [[ -n "$LABEL" ]] && printf 'label\t%s\n' "$LABEL"
+    printf 'command\tbash scripts/gpu_check.sh %s\n' "$ARGS"
+    printf 'budget\t%s s (stages: %s)\n' "$BUDGET" "${STAGES[*]}"
+    printf 'commit\t%s\n' "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'unknown (no .git in this copy)')"
+    printf 'gpu\t%s\n' "$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
+      --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
+    timeout 60 "$PYTHON" - <<'EOF' 2>/dev/null || printf 'python\tfailed to import torch\n'
+import platform, torch, triton
+print(f"python\t{platform.python_version()}")
+print(f"torch\t{torch.__version__} (CUDA {torch.version.cuda})")
+print(f"triton\t{triton.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device\t{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, sm {p.major}.{p.minor}")
+EOF
+    local tool
+    tool=$("$PYTHON" "$TOOLS" which nvcc 2>/dev/null) &&
+      printf 'nvcc\t%s\n' "$(timeout 20 "$tool" --version 2>/dev/null | grep -i release)"
+    tool=$("$PYTHON" "$TOOLS" which compute-sanitizer 2>/dev/null) &&
+      printf 'compute-sanitizer\t%s\n' "$(timeout 20 "$tool" --version 2>/dev/null | grep -i version | head -n 1)"
+    printf 'cpus\t%s\n' "$(nproc)"
+  } >"$info"
+}
+
+finish() {
+  local rc=$? tick
+  trap - EXIT INT TERM HUP
+  if [[ -n "${CHILD:-}" ]] && kill -0 "$CHILD" 2>/dev/null; then  # stopped during a command
+    kill -INT -- "-$CHILD" 2>/dev/null || true  # Ctrl-C: pytest still writes its report
+    for tick in $(seq 20); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$CHILD" 2>/dev/null || true
+  fi
+  if [[ -f "$WORK/running" ]]; then
+    local name limit started
+    IFS=$'\t' read -r name limit started <"$WORK/running"
+    record "$name" INTERRUPTED "$(( $(date +%s) - started ))" "$limit" "the script was stopped during this stage"
+  fi
+  publish --final
+  echo "gpu_check: $OUT_DIR/summary.md" >&3
+  exit "$rc"
+}
+
+# ---- dry run ----------------------------------------------------------------------------------
+
+dry_run() {
+  local failed=0 used=0 limit name
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/r2m-gpu-check-dry-work.XXXXXX")
+  TRITON_CACHE_DIR="$WORK/triton-cache" NOTE="" STAGE_DEADLINE=0
+  check() {  # ok text / fail text
+    if [[ "$1" == ok ]]; then echo "  ok   $2"; else echo "  FAIL $2"; failed=1; fi
+  }
+
+  # pytest collection is the slowest check: it runs beside all the others.
+  local collect_log="$WORK/collect.log" collect_pid
+  TRITON_INTERPRET=1 "$PYTHON" -m pytest "${PYTEST_SELECTION[@]}" --collect-only -q >"$collect_log" 2>&1 &
+  collect_pid=$!
+
+  echo "gpu_check dry run: budget $BUDGET s, ${#STAGES[@]} stages, output $OUT_DIR"
+  echo "stages (limits if each stage used all of its time; a faster stage hands its time on):"
+  for name in "${STAGES[@]}"; do
+    limit=$(stage_limit "$name" "$used")
+    printf '  %-14s %4s s  %s\n' "$name" "$limit" "${WHAT[$name]}"
+    "stage_${name//-/_}"
+    used=$(( used + limit ))
+  done
+
+  echo "checks:"
+  (( BASH_VERSINFO[0] > 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] >= 4) )) &&
+    check ok "bash $BASH_VERSION" || check fail "bash $BASH_VERSION: 4.4 or newer needed"
+  for name in timeout nproc mktemp; do
+    command -v "$name" >/dev/null && check ok "$name" || check fail "$name: not found"
+  done
+  if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    check ok "python: $(command -v "$PYTHON" || echo "$PYTHON") ($("$PYTHON" -c 'import platform; print(platform.python_version())'))"
+    local args=() op
+    for op in pool head grebt update; do
+      [[ " ${STAGES[*]} " == *" bench-$op "* ]] && bench_args "$op" && args+=(--bench "${BENCH_ARGS[*]}")
+    done
+    local preflight
+    preflight=$("$PYTHON" "$TOOLS" preflight ${args[@]+"${args[@]}"} --script benchmarks/pool_variants.py \
+      --cases-args "--report x.md" --cases-args "--backends cuda --report x.md" 2>&1) || failed=1
+    echo "$preflight" | sed 's/^/  /'
+  else
+    check fail "python: '$PYTHON' is not a Python 3.10+ interpreter (--python)"
+  fi
+
+  local collected
+  if wait "$collect_pid"; then
+    collected=$(grep -Eo '^[0-9]+(/[0-9]+)? tests? collected' "$collect_log" | tail -n 1)
+    check ok "pytest collects the gpu tests (${collected:-see log}): ${PYTEST_SELECTION[*]}"
+  else
+    check fail "pytest collection of the gpu tests failed: $(grep -E 'ERROR|error' "$collect_log" | head -n 3 | tr '\n' ' ')"
+  fi
+
+  local probe
+  if mkdir -p "$OUT_DIR" && probe=$(mktemp "$OUT_DIR/.write-test.XXXXXX") && rm -f "$probe"; then
+    check ok "output folder writable: $OUT_DIR"
+  else
+    check fail "output folder not writable: $OUT_DIR"
+  fi
+  local files=2  # summary.md, logs.tar.gz
+  for name in "${STAGES[@]}"; do [[ "$name" == bench-* ]] && files=$(( files + 1 )); done  # one PNG each
+  [[ " ${STAGES[*]} " == *" bench-"* ]] && files=$(( files + 2 ))  # bench.csv, bench.json
+  (( files <= 8 )) && check ok "files written to the output folder: $files (the device tool returns 8)" ||
+    check fail "files written to the output folder: $files, over the device tool's 8"
+
+  echo "on the GPU machine only (not needed here):"
+  for name in nvidia-smi nvcc compute-sanitizer cuobjdump; do
+    local path
+    path=$("$PYTHON" "$TOOLS" which "$name" 2>/dev/null) && echo "  found   $name: $path" ||
+      echo "  missing $name"
+  done
+  rm -rf "$WORK"
+  (( DRY_OUT_TEMPORARY )) && rmdir "$OUT_DIR"
+  if (( failed )); then echo "dry run FAILED"; return 1; fi
+  echo "dry run passed"
+}
+
+# ---- main -------------------------------------------------------------------------------------
+
+# Every Python process imports the checkout being checked, installed or not; every command
+# runs from its root.
+[[ "$PYTHON" == */* && "$PYTHON" != /* ]] && PYTHON="$PWD/$PYTHON"  # before the cd below
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR" || die "cannot create $OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$ROOT"
+exec 3>&1  # the console, for lines written while a stage's output goes to its log
+CHILD=""
+if (( DRY_RUN )); then
+  dry_run
+  exit
+fi
+
+ARGS="--out $OUT_DIR --budget $BUDGET${SELECTED:+ --stages $SELECTED}${LABEL:+ --label '$LABEL'}"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/r2m-gpu-check.XXXXXX")
+# The Triton cache outlives the run (a rerun on a warm machine compiles nothing) and holds only
+# what these stages compile, for the SASS report.
+export TRITON_CACHE_DIR="${TMPDIR:-/tmp}/r2m-gpu-check-cache/triton"
+# The extension comes from the build stage; a JIT build inside a test would hide its failure.
+export R2M_CUDA_JIT=0
+for name in "${STAGES[@]}"; do printf '%s\t%s\n' "$name" "${WHAT[$name]}"; done >"$WORK/plan.tsv"
+trap finish EXIT
+trap 'exit 130' INT TERM HUP
+collect_info
+echo "gpu_check: ${#STAGES[@]} stages in $BUDGET s; work folder $WORK; results in $OUT_DIR"
+publish
+for name in "${STAGES[@]}"; do
+  # Autotune timings are cached on disk for the kernel-case runs only, so that the sanitizer
+  # runs do not autotune under instrumentation; tests and benchmarks autotune for themselves.
+  if [[ "$name" == kernel-cases || "$name" == memcheck || "$name" == racecheck ]]; then
+    export TRITON_CACHE_AUTOTUNING=1
+  else
+    unset TRITON_CACHE_AUTOTUNING
+  fi
+  run_stage "$name"
+done
+FAILED=$(cut -f2 "$WORK/stages.tsv" | grep -vc '^PASS$' || true)
+(( FAILED == 0 ))
