@@ -66,7 +66,13 @@ def policy_folder(out: Path, tiny: bool) -> Path:
     else:
         gguf_folder, name = smollm2_location()
         tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=name)
-        policy = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=name, dtype=torch.float32)
+        # the weights are de-quantized already; a model without the GGUF marker can be saved
+        config = copy.deepcopy(quantized.config)
+        del config.quantization_config
+        policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        policy.load_state_dict(quantized.state_dict())
+        policy.generation_config = quantized.generation_config
     policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
