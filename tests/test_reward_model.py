@@ -149,3 +149,19 @@ def test_cache_size_default_and_check(tok):
     ids, mask = pad([[5, 6], [7]], "right")
     torch.testing.assert_close(rm.reward_token_embeddings(ids, mask), rm.compute_rte(ids, mask))
     assert len(rm._rte_cache) == 0
+
+
+def test_retokenizes_conversational_prompts(tok):
+    """TRL's conversational form (lists of role/content messages) keeps its turns when the RM
+    re-tokenizes; without a chat template the turns' texts are joined."""
+    rm_tok = tiny_tokenizer(chat_template="{% for m in messages %}[{{ m['role'][0] }}:{{ m['content'] }}]{% endfor %}")
+    backbone, score = tiny_reward_backbone(rm_tok)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=rm_tok, attn_dim=8)
+    prompts = [[{"role": "system", "content": "brief"}, {"role": "user", "content": "1+2="}], "9+9="]
+    responses = [[{"role": "assistant", "content": "3"}], "18"]
+    ids, mask = rm.rm_inputs(prompts, responses, policy_tokenizer=tok)
+    assert [rm_tok.decode(row[m.bool()]) for row, m in zip(ids, mask)] == ["[s:brief][u:1+2=][a:3]", "[u:9+9=][a:18]"]
+    plain = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tiny_tokenizer(chat_template=None), attn_dim=8)
+    ids, mask = plain.rm_inputs(prompts, responses, policy_tokenizer=tok)
+    texts = [plain.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    assert texts == ["brief1+2=3", "9+9=18"]
