@@ -232,10 +232,8 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
         raise UsageError(f"resume: no checkpoint-N folder in {output_dir}")
     try:
         state = read_checkpoint_state(last)
-        if max_steps > 0:
-            check_resumable(state, last, mode, max_steps)
-        elif state["mode"] != mode:
-            check_resumable(state, last, mode, state["max_steps"])
+        # max_steps <= 0 (a length in epochs) is only known once TRL has the data; the trainer checks it
+        check_resumable(state, last, mode, max_steps if max_steps > 0 else state["max_steps"])
     except ValueError as e:
         raise UsageError(f"resume: {e}") from None
     return last

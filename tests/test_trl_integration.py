@@ -257,3 +257,16 @@ def test_r2m_config_names_the_bad_field(values, field_name):
         R2MConfig(**values)
     assert R2MConfig(mode="bt-only").alpha == 0.0 and R2MConfig(mode="gre-only").alpha == 1.0
     assert R2MConfig(grebt_alpha=0.45).alpha == 0.45
+
+
+def test_evaluation_between_iterations_keeps_the_pending_update(models, tmp_path):
+    """An evaluation after the first of two iterations scores with the R2M reward (logged with
+    TRL's eval_ prefix) and leaves the training batch's head step in place."""
+    trainer, rm = make_trainer(models, "grpo", tmp_path / "out", num_iterations=2, max_steps=2, eval_prompts=2,
+                               eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8)
+    recorder = Recorder(trainer)
+    trainer.train()
+    evals = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert len(evals) == 2 and all("eval_r2m/rm_reward" in row and "eval_rewards/r2m/mean" in row for row in evals)
+    assert len(recorder.updates) == 1 and len(recorder.scorings) == 3  # one training batch, two evaluations
+    assert recorder.updates[0]["hidden"].shape[0] == 8

@@ -162,12 +162,13 @@ class R2MTrainerMixin:
         return result
 
     def _generate_and_score_completions(self, inputs):
+        pending = self._r2m_scoring  # an evaluation may come while a training batch awaits its head step
         self._r2m_scoring = _Scoring(capture_old_pass=self.r2m_config.uses_head and self._trl_makes_old_logps_pass())
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:  # row ids follow the rows through TRL's shuffle and split
             output["r2m_row"] = torch.arange(len(inputs), device=self.accelerator.device)
         else:
-            self._r2m_scoring = None
+            self._r2m_scoring = pending
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
