@@ -188,16 +188,22 @@ def _run(args: argparse.Namespace) -> int:
 
     plan, not_timed = _plan(ops, sizes, wanted, device)
     rows = []
+    interrupted = False
     progress = tqdm(plan, desc="r2m bench", unit="case", file=sys.stderr)
-    for op, size, backend in progress:
-        progress.set_postfix_str(f"{op} {size.name} {backend}")
-        try:
-            rows.append(_run_case(op, size, backend, dtype, device, args, timer, slow_timer, bandwidth))
-        except Exception as exc:  # one failing row must not hide the others; it fails the run below
-            traceback.print_exc()
-            rows.append(Row(op, size.name, backend, _dtype_name(dtype), device.type,
-                            error=f"{type(exc).__name__}: {exc}"))
-        _free(device)
+    try:
+        for op, size, backend in progress:
+            progress.set_postfix_str(f"{op} {size.name} {backend}")
+            try:
+                rows.append(_run_case(op, size, backend, dtype, device, args, timer, slow_timer, bandwidth))
+            except Exception as exc:  # one failing row must not hide the others; it fails the run below
+                traceback.print_exc()
+                rows.append(Row(op, size.name, backend, _dtype_name(dtype), device.type,
+                                error=f"{type(exc).__name__}: {exc}"))
+            _free(device)
+    except KeyboardInterrupt:  # a time limit cut the run short: report and write what finished
+        interrupted = True
+        progress.close()
+        print(f"\nr2m bench: interrupted after {len(rows)} of {len(plan)} cases", file=sys.stderr)
     derive(rows, bandwidth)
 
     text = "\n\n".join([headline] + [table(op, [r for r in rows if r.op == op], not_timed[op]) for op in ops])
@@ -220,4 +226,4 @@ def _run(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.error]
     if failed:
         print(f"r2m bench: {len(failed)} case(s) failed (see the notes above)", file=sys.stderr)
-    return 1 if failed else 0
+    return 130 if interrupted else 1 if failed else 0

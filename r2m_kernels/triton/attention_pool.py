@@ -55,8 +55,15 @@ from .utils import INTERPRET, TL_ACC, chunk, load_rows, sequence, valid_rows
 # every current LLM width (Llama-3.1-405B). The many-head variant tiles D_p, but the variant
 # is chosen by n_h alone, so the limit applies to both.
 MAX_D_P = 16384
-# Largest row-block tile (BLOCK_S * BLOCK_D elements) a program keeps in registers.
-_MAX_TILE = 32768
+# Row-block elements (BLOCK_S * BLOCK_D / threads) one thread holds, in fp32, without spilling
+# to local memory: ptxas for sm_90 (tests/triton_compile.py) kept every tile up to 64 per thread
+# spill-free at 4 and 8 warps and spilled above. (16 warps, which cap a thread at 128 registers,
+# spilled from 32 per thread and are not candidates.) fp64 math holds half as many.
+_TILE_PER_THREAD = {4: 64, 8: 64}
+# The backward that loops over several heads into dhidden spilled from 32 per thread.
+_TILE_PER_THREAD_HEADS_LOOP = 16
+# Fewest row-block elements per program: smaller tiles leave a warp nothing to load.
+_MIN_TILE = 1024
 
 
 def _configs():
@@ -64,16 +71,27 @@ def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_S": 4}, num_warps=1)]
     return [triton.Config({"BLOCK_S": bs}, num_warps=w)
-            for bs in (1, 2, 4, 8, 16, 32) for w in (4, 8, 16)]
+            for bs in (1, 2, 4, 8, 16, 32) for w in (4, 8)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles too large for registers and, where larger ones fit, tiles so small that a
+    """Drop tiles that would spill registers and, where larger ones fit, tiles so small that a
     warp has nothing to load."""
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
-    fits = [c for c in configs if c.kwargs["BLOCK_S"] * block_d <= _MAX_TILE]
-    big_enough = [c for c in fits if c.kwargs["BLOCK_S"] * block_d >= 1024]
-    return big_enough or fits
+    args = {**named_args, **kwargs}
+    words = args["ACC"].primitive_bitwidth // 32  # registers per accumulated element
+
+    def per_thread(c):
+        return c.kwargs["BLOCK_S"] * args["BLOCK_D"] * words / (32 * c.num_warps)
+
+    def limit(c):
+        # A program that loops over several heads into dhidden keeps more alive per row-block.
+        several_heads = args.get("NEED_DH") and args["HEADS_PER_PROGRAM"] > 1
+        return min(_TILE_PER_THREAD[c.num_warps], _TILE_PER_THREAD_HEADS_LOOP) if several_heads \
+            else _TILE_PER_THREAD[c.num_warps]
+
+    fits = [c for c in configs if per_thread(c) <= limit(c)]
+    big_enough = [c for c in fits if c.kwargs["BLOCK_S"] * args["BLOCK_D"] >= _MIN_TILE]
+    return big_enough or fits or configs[:1]
 
 
 def _autotune(fn):
@@ -148,7 +166,12 @@ def _pool_bwd_kernel(
     row of the split written (zeros at invalid positions). lse and delta = grad . pooled are
     (B, n_h), contiguous; dq, lse, delta in the accumulation dtype ACC.
     A program handles heads [j0, j0 + HEADS_PER_PROGRAM) of one sequence: all of them when
-    NEED_DH (it owns its rows of dhidden), else one."""
+    NEED_DH (it owns its rows of dhidden), else one.
+
+    Spills: ptxas for sm_90 spilled up to 24 bytes (six registers) in a few small tiles that
+    the register rule keeps (BLOCK_S 8 with 4 warps at some D_p; fp64 with several heads into
+    dhidden), while the same tiles at other D_p did not spill; a rule that dropped them would
+    drop those too, and the autotuner measures them against their neighbours."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     head_groups = N_HEADS // HEADS_PER_PROGRAM

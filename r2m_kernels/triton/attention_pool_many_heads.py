@@ -94,14 +94,15 @@ _WEIGHTED_BLOCK_D = {tl.float16: 128, tl.bfloat16: 128, tl.float32: 64}
 _INTERPRETER_BLOCKS = {"BLOCK_S": 16, "BLOCK_D": 32}
 
 # Autotune candidates, by operand bits: (BLOCK_S, BLOCK_D, num_warps, num_stages) of the
-# row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones; smaller tiles for
-# fp32 for the same reason. Compiled for sm_90 here (ptxas, no GPU): every kernel has
-# candidates without register spills for 16-bit operands at n_h = 16 and 32 and for fp32 at
-# n_h = 16 (fp32 at n_h = 32 spills a few bytes).
-_ROW_BLOCKS = {16: ((32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
-               32: ((32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3))}
+# row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones. Every candidate
+# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/triton_compile.py);
+# (32, 64, 4, 4) for 16-bit operands and every other fp32 tile tried spilled 16-524 bytes
+# there. fp32 operands take the FMA path (IEEE dots), whose operands live in registers: one
+# small tile each.
+_ROW_BLOCKS = {16: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+               32: ((64, 64, 8, 3),)}
 _WEIGHTED = {16: ((32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3)),
-             32: ((32, 4, 3), (32, 8, 3), (64, 8, 3))}
+             32: ((32, 8, 3),)}
 
 
 def uses_many_heads(hidden: torch.Tensor, heads: int) -> bool:
@@ -290,7 +291,11 @@ def _dscores_kernel(
     """dscores (n_h, ROWS) fp32: d loss / d (q_j . h_t) = scale a_jt (dP_jt - delta_j) at
     every position of the program's chunk (0 where invalid); when NEED_DH, dhidden, contiguous
     with hidden's row layout in its dtype: every row of the chunk, zeros at invalid rows.
-    grad and pooled are (B, n_h, D_p); lse (B, n_h) fp32."""
+    grad and pooled are (B, n_h, D_p); lse (B, n_h) fp32.
+
+    Spills: fp32 operands (FMA dots, one tile) spilled up to 56 bytes at 16 heads under ptxas
+    for sm_90; every tile tried for them spilled more (tests/triton_compile.py), and fp32 hidden
+    states with many heads are a correctness path, not the tuned one."""
     b = tl.program_id(0)
     split = tl.program_id(1)
     row0, seqlen, base = sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)

@@ -54,6 +54,14 @@ def _grebt_fwd_kernel(
     RAGGED: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
+    """loss (G,): each group's loss times loss_scale; with WRITE_GRAD, grad (B,): d loss / d r
+    times loss_scale. A program takes BLOCK_G groups of up to BLOCK_K rewards.
+
+    Spills: a program holds whole groups in registers, at most 1024 threads, so the largest
+    groups spill to local memory, up to 8404 bytes (fp64 with the gradient at 16384 rewards;
+    16-bit and fp32 rewards at 16384 up to 464 bytes, fp64 at 4096 up to 112; ptxas for sm_90,
+    tests/triton_compile.py). RL groups hold 4 to 64 responses and never spill; a multi-pass
+    kernel for groups of thousands is not worth its complexity."""
     alpha = join_scalar(alpha_hi, alpha_lo, ACC)
     eps = join_scalar(eps_hi, eps_lo, ACC)
     loss_scale = join_scalar(loss_scale_hi, loss_scale_lo, ACC)
@@ -122,6 +130,12 @@ def _grebt_fwd_kernel(
         tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
+def _num_warps(tile: int, acc: torch.dtype) -> int:
+    """Warps for a tile of `tile` rewards: 8 per thread (4 in fp64), up to 1024 threads."""
+    per_thread = 4 if acc == torch.float64 else 8
+    return max(1, min(32, tile // (32 * per_thread)))
+
+
 def _grebt_forward(rewards, group_size, cu_groups, max_group, alpha, eps, reduction, write_grad):
     """(loss: scalar, or (G,) for "none"; d loss / d rewards (B,), empty unless write_grad),
     both in the math's dtype."""
@@ -146,7 +160,7 @@ def _grebt_forward(rewards, group_size, cu_groups, max_group, alpha, eps, reduct
         *split_scalar(alpha), *split_scalar(eps), *split_scalar(loss_scale),
         RAGGED=cu_groups is not None, WRITE_GRAD=write_grad,
         BLOCK_G=block_g, BLOCK_K=block_k, ACC=TL_ACC[acc],
-        num_warps=max(1, min(16, block_g * block_k // 256)),
+        num_warps=_num_warps(block_g * block_k, acc),
     )
     return (per_group if reduction == "none" else per_group.sum()), grad
 

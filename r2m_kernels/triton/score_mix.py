@@ -34,6 +34,57 @@ _BLOCK_R = 128  # columns of D_rm per program, and rows of W_o per loop step
 _BLOCK_B = 32  # rows of the batch per loop step
 
 
+# Each kernel's two kinds of program are separate functions: a variable of a runtime `if`'s two
+# branches must have one type in both, and the chunks have different widths.
+@triton.jit
+def _fwd_attended_chunk(
+    chunk, attended_ptr, out_weight_ptr, score_weight_ptr, score_bias_ptr, u_ptr, partial_ptr,
+    batch, attn_dim, rm_dim, omega, stride_attended,
+    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """u[chunk] = W_o[:, chunk]^T w, then (1 - omega) c[:, chunk] . u[chunk] (+ the bias, once)
+    for every row, into row `chunk` of the partial sums."""
+    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < attn_dim
+    u = tl.zeros([BLOCK_D], dtype=ACC)
+    for r0 in range(0, rm_dim, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < rm_dim
+        w = tl.load(score_weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        w_o = tl.load(out_weight_ptr + rows[:, None].to(tl.int64) * attn_dim + cols[None, :],
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        u += tl.sum(w_o * w[:, None], axis=0)
+    tl.store(u_ptr + cols, u, mask=col_ok)
+    bias = tl.zeros([], dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.where(chunk == 0, tl.load(score_bias_ptr).to(ACC), bias)
+    for b0 in range(0, batch, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < batch
+        c = tl.load(attended_ptr + b[:, None].to(tl.int64) * stride_attended + cols[None, :],
+                    mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        part = (1.0 - omega) * tl.sum(c * u[None, :], axis=1) + bias
+        tl.store(partial_ptr + chunk * batch + b, part, mask=b_ok)
+
+
+@triton.jit
+def _fwd_rte_chunk(
+    chunk, slot, rte_ptr, score_weight_ptr, partial_ptr, batch, rm_dim, omega, stride_rte,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """omega rte[:, chunk] . w[chunk] for every row, into row `slot` of the partial sums."""
+    cols = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < rm_dim
+    w = omega * tl.load(score_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    for b0 in range(0, batch, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < batch
+        x = tl.load(rte_ptr + b[:, None].to(tl.int64) * stride_rte + cols[None, :],
+                    mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        tl.store(partial_ptr + slot * batch + b, tl.sum(x * w[None, :], axis=1), mask=b_ok)
+
+
 @triton.jit
 def _score_mix_fwd_kernel(
     attended_ptr, rte_ptr, out_weight_ptr, score_weight_ptr, score_bias_ptr, u_ptr, partial_ptr,
@@ -41,43 +92,89 @@ def _score_mix_fwd_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """partial (n_d + n_r, B): each program's share of every reward; u (d,) = W_o^T w."""
     omega = join_scalar(omega_hi, omega_lo, ACC)
     pid = tl.program_id(0)
-    rows_b = tl.arange(0, BLOCK_B)
     if pid < num_d_chunks:
-        # u[chunk] = W_o[:, chunk]^T w, then (1 - omega) c[:, chunk] . u[chunk] for every row.
-        cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < attn_dim
-        u = tl.zeros([BLOCK_D], dtype=ACC)
+        _fwd_attended_chunk(pid, attended_ptr, out_weight_ptr, score_weight_ptr, score_bias_ptr, u_ptr,
+                            partial_ptr, batch, attn_dim, rm_dim, omega, stride_attended,
+                            HAS_BIAS, BLOCK_B, BLOCK_D, BLOCK_R, ACC)
+    else:
+        _fwd_rte_chunk(pid - num_d_chunks, pid, rte_ptr, score_weight_ptr, partial_ptr, batch, rm_dim,
+                       omega, stride_rte, BLOCK_B, BLOCK_R, ACC)
+
+
+@triton.jit
+def _bwd_attended_chunk(
+    chunk, grad_ptr, attended_ptr, out_weight_ptr, score_weight_ptr, u_ptr,
+    d_attended_ptr, d_out_weight_ptr, d_weight_partial_ptr,
+    batch, attn_dim, rm_dim, omega, stride_attended,
+    NEED_D_ATTENDED: tl.constexpr, NEED_D_OUT_WEIGHT: tl.constexpr, NEED_D_SCORE_WEIGHT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """d c[:, chunk] = (1 - omega) g u[chunk]; with v = (1 - omega) c[:, chunk]^T g:
+    d W_o[:, chunk] = w v^T, and W_o[:, chunk] v into row `chunk` of d w's partial sums."""
+    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < attn_dim
+    u = tl.load(u_ptr + cols, mask=col_ok, other=0.0)
+    v = tl.zeros([BLOCK_D], dtype=ACC)
+    for b0 in range(0, batch, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < batch
+        tile_ok = b_ok[:, None] & col_ok[None, :]
+        g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
+        if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
+            c = tl.load(attended_ptr + b[:, None].to(tl.int64) * stride_attended + cols[None, :],
+                        mask=tile_ok, other=0.0).to(ACC)
+            v += tl.sum(c * g[:, None], axis=0)
+        if NEED_D_ATTENDED:
+            d_c = (1.0 - omega) * g[:, None] * u[None, :]
+            tl.store(d_attended_ptr + b[:, None].to(tl.int64) * attn_dim + cols[None, :],
+                     d_c.to(d_attended_ptr.dtype.element_ty), mask=tile_ok)
+    v = (1.0 - omega) * v  # d loss / d u[chunk]
+    if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
         for r0 in range(0, rm_dim, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             row_ok = rows < rm_dim
-            w = tl.load(score_weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-            w_o = tl.load(out_weight_ptr + rows[:, None].to(tl.int64) * attn_dim + cols[None, :],
-                          mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-            u += tl.sum(w_o * w[:, None], axis=0)
-        tl.store(u_ptr + cols, u, mask=col_ok)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.where(pid == 0, tl.load(score_bias_ptr).to(ACC), 0.0)  # added once
-        for b0 in range(0, batch, BLOCK_B):
-            b = b0 + rows_b
-            b_ok = b < batch
-            c = tl.load(attended_ptr + b[:, None].to(tl.int64) * stride_attended + cols[None, :],
-                        mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-            part = (1.0 - omega) * tl.sum(c * u[None, :], axis=1) + bias
-            tl.store(partial_ptr + pid * batch + b, part, mask=b_ok)
-    else:
-        # omega rte[:, chunk] . w[chunk] for every row.
-        cols = (pid - num_d_chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col_ok = cols < rm_dim
-        w = omega * tl.load(score_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-        for b0 in range(0, batch, BLOCK_B):
-            b = b0 + rows_b
-            b_ok = b < batch
+            tile = rows[:, None].to(tl.int64) * attn_dim + cols[None, :]
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            if NEED_D_OUT_WEIGHT:
+                w = tl.load(score_weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+                tl.store(d_out_weight_ptr + tile,
+                         (w[:, None] * v[None, :]).to(d_out_weight_ptr.dtype.element_ty), mask=tile_ok)
+            if NEED_D_SCORE_WEIGHT:
+                w_o = tl.load(out_weight_ptr + tile, mask=tile_ok, other=0.0).to(ACC)
+                tl.store(d_weight_partial_ptr + chunk * rm_dim + rows, tl.sum(w_o * v[None, :], axis=1),
+                         mask=row_ok)
+
+
+@triton.jit
+def _bwd_rte_chunk(
+    chunk, grad_ptr, rte_ptr, score_weight_ptr, d_rte_ptr, d_weight_partial_ptr,
+    batch, rm_dim, num_d_chunks, omega, stride_rte,
+    NEED_D_RTE: tl.constexpr, NEED_D_SCORE_WEIGHT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """d rte[:, chunk] = omega g w[chunk]; omega rte[:, chunk]^T g into the last row of d w's
+    partial sums."""
+    cols = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < rm_dim
+    w = tl.load(score_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    rte_g = tl.zeros([BLOCK_R], dtype=ACC)
+    for b0 in range(0, batch, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < batch
+        tile_ok = b_ok[:, None] & col_ok[None, :]
+        g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
+        if NEED_D_SCORE_WEIGHT:
             x = tl.load(rte_ptr + b[:, None].to(tl.int64) * stride_rte + cols[None, :],
-                        mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-            tl.store(partial_ptr + pid * batch + b, tl.sum(x * w[None, :], axis=1), mask=b_ok)
+                        mask=tile_ok, other=0.0).to(ACC)
+            rte_g += tl.sum(x * g[:, None], axis=0)
+        if NEED_D_RTE:
+            tl.store(d_rte_ptr + b[:, None].to(tl.int64) * rm_dim + cols[None, :],
+                     (omega * g[:, None] * w[None, :]).to(d_rte_ptr.dtype.element_ty), mask=tile_ok)
+    if NEED_D_SCORE_WEIGHT:
+        tl.store(d_weight_partial_ptr + num_d_chunks * rm_dim + cols, omega * rte_g, mask=col_ok)
 
 
 @triton.jit
@@ -89,61 +186,20 @@ def _score_mix_bwd_kernel(
     NEED_D_SCORE_WEIGHT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
+    """d attended, d rte, d W_o written in full where needed; d w as (n_d + 1, D_rm) partial
+    sums that the host adds."""
     omega = join_scalar(omega_hi, omega_lo, ACC)
     pid = tl.program_id(0)
-    rows_b = tl.arange(0, BLOCK_B)
     if pid < num_d_chunks:
-        cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < attn_dim
-        u = tl.load(u_ptr + cols, mask=col_ok, other=0.0)
-        v = tl.zeros([BLOCK_D], dtype=ACC)  # c[:, chunk]^T g
-        for b0 in range(0, batch, BLOCK_B):
-            b = b0 + rows_b
-            b_ok = b < batch
-            tile_ok = b_ok[:, None] & col_ok[None, :]
-            g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
-            if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
-                c = tl.load(attended_ptr + b[:, None].to(tl.int64) * stride_attended + cols[None, :],
-                            mask=tile_ok, other=0.0).to(ACC)
-                v += tl.sum(c * g[:, None], axis=0)
-            if NEED_D_ATTENDED:
-                d_c = (1.0 - omega) * g[:, None] * u[None, :]
-                tl.store(d_attended_ptr + b[:, None].to(tl.int64) * attn_dim + cols[None, :],
-                         d_c.to(d_attended_ptr.dtype.element_ty), mask=tile_ok)
-        v = (1.0 - omega) * v  # d loss / d u[chunk]
-        if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
-            for r0 in range(0, rm_dim, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                row_ok = rows < rm_dim
-                tile = rows[:, None].to(tl.int64) * attn_dim + cols[None, :]
-                tile_ok = row_ok[:, None] & col_ok[None, :]
-                if NEED_D_OUT_WEIGHT:
-                    w = tl.load(score_weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-                    tl.store(d_out_weight_ptr + tile,
-                             (w[:, None] * v[None, :]).to(d_out_weight_ptr.dtype.element_ty), mask=tile_ok)
-                if NEED_D_SCORE_WEIGHT:
-                    w_o = tl.load(out_weight_ptr + tile, mask=tile_ok, other=0.0).to(ACC)
-                    tl.store(d_weight_partial_ptr + pid * rm_dim + rows, tl.sum(w_o * v[None, :], axis=1),
-                             mask=row_ok)
+        _bwd_attended_chunk(pid, grad_ptr, attended_ptr, out_weight_ptr, score_weight_ptr, u_ptr,
+                            d_attended_ptr, d_out_weight_ptr, d_weight_partial_ptr,
+                            batch, attn_dim, rm_dim, omega, stride_attended,
+                            NEED_D_ATTENDED, NEED_D_OUT_WEIGHT, NEED_D_SCORE_WEIGHT,
+                            BLOCK_B, BLOCK_D, BLOCK_R, ACC)
     else:
-        cols = (pid - num_d_chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col_ok = cols < rm_dim
-        w = tl.load(score_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-        rte_g = tl.zeros([BLOCK_R], dtype=ACC)  # rte[:, chunk]^T g
-        for b0 in range(0, batch, BLOCK_B):
-            b = b0 + rows_b
-            b_ok = b < batch
-            tile_ok = b_ok[:, None] & col_ok[None, :]
-            g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
-            if NEED_D_SCORE_WEIGHT:
-                x = tl.load(rte_ptr + b[:, None].to(tl.int64) * stride_rte + cols[None, :],
-                            mask=tile_ok, other=0.0).to(ACC)
-                rte_g += tl.sum(x * g[:, None], axis=0)
-            if NEED_D_RTE:
-                tl.store(d_rte_ptr + b[:, None].to(tl.int64) * rm_dim + cols[None, :],
-                         (omega * g[:, None] * w[None, :]).to(d_rte_ptr.dtype.element_ty), mask=tile_ok)
-        if NEED_D_SCORE_WEIGHT:
-            tl.store(d_weight_partial_ptr + num_d_chunks * rm_dim + cols, omega * rte_g, mask=col_ok)
+        _bwd_rte_chunk(pid - num_d_chunks, grad_ptr, rte_ptr, score_weight_ptr, d_rte_ptr,
+                       d_weight_partial_ptr, batch, rm_dim, num_d_chunks, omega, stride_rte,
+                       NEED_D_RTE, NEED_D_SCORE_WEIGHT, BLOCK_B, BLOCK_R, ACC)
 
 
 def _rows_contiguous(t):
