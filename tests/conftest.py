@@ -11,6 +11,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from tests import backends  # noqa: E402  (imports the kernels: after TRITON_INTERPRET)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -31,3 +33,21 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     """Every test starts from the same seed, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=backends.params(backends.ALL))
+def backend(request, monkeypatch):
+    """Each backend of the ops in turn, ready to run on tests.backends.DEVICE."""
+    return backends.use(request.param, monkeypatch)
+
+
+@pytest.fixture(params=backends.params(backends.COMPILED))
+def compiled_backend(request, monkeypatch):
+    """triton and cuda in turn (the backends with kernels and custom ops)."""
+    return backends.use(request.param, monkeypatch)
+
+
+@pytest.fixture
+def cuda_contract(monkeypatch):
+    """The cuda backend on CPU tensors through the launchers' contract model (any machine)."""
+    return backends.install_cuda_contract(monkeypatch)

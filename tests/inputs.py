@@ -7,9 +7,13 @@ MASK_KINDS = ("none", "right", "left", "holes")
 
 def make_mask(batch, seq_len, kind, generator=None):
     """(B, S) bool mask: "none" -> None; "right"/"left" padding with random lengths >= 1;
-    "holes": random gaps anywhere, at least one valid position per row."""
+    "holes": random gaps anywhere, at least one valid position per row; "mixed": rows of
+    right padding, left padding and holes in turn."""
     if kind == "none":
         return None
+    if kind == "mixed":
+        rows = [make_mask(1, seq_len, ("right", "left", "holes")[b % 3], generator) for b in range(batch)]
+        return torch.cat(rows)
     if kind == "holes":
         mask = torch.rand(batch, seq_len, generator=generator) > 0.4
         mask[torch.arange(batch), torch.randint(seq_len, (batch,), generator=generator)] = True

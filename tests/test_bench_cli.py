@@ -199,4 +199,4 @@ def test_pool_variants_sweep_runs_both_variants():
 
     rows = main(["--tiny"])
     assert [(n_h, variant) for n_h, variant, *_ in rows] == [
-        (1, "dots"), (1, "per-head"), (4, "dots"), (4, "per-head")]
+        (1, "many-heads"), (1, "per-head"), (4, "many-heads"), (4, "per-head")]

@@ -1,24 +1,35 @@
-"""The torch backend of grebt_loss against the float64 loop and finite differences."""
+"""grebt_loss (docs/design.md §1.3): the torch backend (the reference) against the float64 loop
+of tests/loops.py and finite differences, then every backend (torch, triton, cuda:
+tests/backends.py) against the float64 reference on uniform, ragged, degenerate, tied, large
+and strided groups, under the error rule of §5."""
 
 import pytest
 import torch
 
 from r2m import GREBTLoss
-from r2m_kernels import grebt_loss
-from tests.loops import grebt_loop
+from r2m_kernels import BackendUnavailableError, grebt_loss
+from r2m_kernels.cuda import grebt as cuda_grebt
+from r2m_kernels.triton import grebt as triton_grebt
+
+from .backends import DEVICE, check_second_derivative
+from .loops import grebt_loop
+
+REDUCTIONS = ("mean", "sum", "none")
 
 
-def uniform(batch, k):
-    return [(i, i + k) for i in range(0, batch, k)]
+def random_groups(sizes, scale=2.0):
+    """Rewards for ragged groups of `sizes` and their (G+1,) int32 offsets."""
+    cu = torch.zeros(len(sizes) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(sizes), 0)
+    return torch.randn(int(cu[-1]), dtype=torch.float64) * scale, cu
 
 
-def ragged(offsets):
-    return list(zip(offsets[:-1], offsets[1:]))
-
+# ------------------------------------------------------- the reference against the loop
 
 def check_against_loop(rewards, groups, alpha, **kwargs):
+    """The torch backend in float64 against grebt_loop, loss and gradient, every reduction."""
     rewards = rewards.detach().double().requires_grad_(True)
-    for reduction in ("mean", "sum", "none"):
+    for reduction in REDUCTIONS:
         got = grebt_loss(rewards, alpha=alpha, reduction=reduction, backend="torch", **kwargs)
         per_group = grebt_loop(rewards, groups, alpha)
         want = {"mean": sum(per_group) / len(per_group), "sum": sum(per_group),
@@ -33,74 +44,33 @@ def check_against_loop(rewards, groups, alpha, **kwargs):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_uniform_groups_match_the_loop(k, alpha):
+def test_reference_uniform_groups_match_the_loop(k, alpha):
     rewards = torch.randn(4 * k, dtype=torch.float64) * 2
-    check_against_loop(rewards, uniform(4 * k, k), alpha, group_size=k)
+    check_against_loop(rewards, [(i, i + k) for i in range(0, 4 * k, k)], alpha, group_size=k)
 
 
-def test_ragged_groups_match_the_loop():
+def test_reference_ragged_groups_match_the_loop():
     offsets = [0, 3, 4, 9, 11, 19]
     rewards = torch.randn(19, dtype=torch.float64)
     cu = torch.tensor(offsets, dtype=torch.int32)
-    check_against_loop(rewards, ragged(offsets), 0.3, cu_groups=cu)
+    check_against_loop(rewards, list(zip(offsets[:-1], offsets[1:])), 0.3, cu_groups=cu)
 
 
-def test_ragged_with_equal_sizes_equals_uniform():
-    rewards = torch.randn(24)
-    cu = torch.arange(0, 25, 6, dtype=torch.int32)
-    for reduction in ("mean", "none"):
-        torch.testing.assert_close(grebt_loss(rewards, cu_groups=cu, reduction=reduction),
-                                   grebt_loss(rewards, 6, reduction=reduction))
-
-
-def test_gradcheck_on_generic_groups():
+def test_reference_gradcheck_on_generic_groups():
     rewards = torch.randn(15, dtype=torch.float64, requires_grad=True)
     cu = torch.tensor([0, 4, 5, 12, 15], dtype=torch.int32)
     assert torch.autograd.gradcheck(lambda r: grebt_loss(r, cu_groups=cu, reduction="none"), (rewards,))
     assert torch.autograd.gradcheck(lambda r: grebt_loss(r, 5, alpha=0.7), (rewards,))
 
 
-def test_ties_pick_the_first_index():
-    # Two tied maxima: the pair is (first max, first min), so only those two get BT gradient.
-    rewards = torch.tensor([0.0, 2.0, -1.0, 2.0, -1.0], dtype=torch.float64, requires_grad=True)
-    loss = grebt_loss(rewards, 5, alpha=0.0)
-    grad, = torch.autograd.grad(loss, rewards)
-    s = torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64))
-    torch.testing.assert_close(grad, torch.tensor([0, -s, s, 0, 0], dtype=torch.float64))
-    torch.testing.assert_close(loss, -torch.log(torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_degenerate_groups_give_finite_zero_gradients(dtype):
-    # K = 1 groups and all-equal groups: w = l (zero BT gradient), p one-hot or uniform (zero GRE
-    # gradient), and no NaN from the std's derivative at zero.
-    rewards = torch.tensor([1.5, -2.0, 3.0, 3.0, 3.0, 3.0], dtype=dtype, requires_grad=True)
+def test_reference_degenerate_groups_have_the_closed_form_loss():
+    # K = 1 and all-equal groups: BT = -log sigmoid(0) = log 2, and an entropy of 0 (one-hot
+    # p) or log K (uniform p).
+    rewards = torch.tensor([1.5, -2.0, 3.0, 3.0, 3.0, 3.0], dtype=torch.float64)
     cu = torch.tensor([0, 1, 2, 6], dtype=torch.int32)
     losses = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none")
-    bt_equal = torch.log(torch.tensor(2.0))  # -log sigmoid(0)
-    want = torch.stack([0.7 * bt_equal, 0.7 * bt_equal, 0.7 * bt_equal + 0.3 * torch.log(torch.tensor(4.0))])
-    torch.testing.assert_close(losses.float(), want, rtol=1e-6, atol=1e-6)
-    grad, = torch.autograd.grad(losses.sum(), rewards)
-    assert torch.isfinite(grad).all() and (grad == 0).all()
-
-
-@pytest.mark.parametrize("magnitude", [1e3, 1e4])
-def test_large_rewards_stay_finite_and_accurate_in_fp32(magnitude):
-    rewards64 = torch.randn(64, dtype=torch.float64) * magnitude
-    rewards64[:8] = magnitude  # one all-equal group at the magnitude
-    rewards32 = rewards64.float().requires_grad_(True)
-    got = grebt_loss(rewards32, 8)
-    want = grebt_loss(rewards32.detach().double().requires_grad_(True), 8)
-    assert torch.isfinite(got)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    grad, = torch.autograd.grad(got, rewards32)
-    assert torch.isfinite(grad).all()
-
-
-def test_nearly_equal_group_has_finite_gradient():
-    rewards = torch.tensor([1.0, 1.0 + 1e-7, 1.0, 1.0], dtype=torch.float32, requires_grad=True)
-    grad, = torch.autograd.grad(grebt_loss(rewards, 4), rewards)
-    assert torch.isfinite(grad).all()
+    log2, log4 = torch.log(torch.tensor(2.0, dtype=torch.float64)), torch.log(torch.tensor(4.0, dtype=torch.float64))
+    torch.testing.assert_close(losses, torch.stack([0.7 * log2, 0.7 * log2, 0.7 * log2 + 0.3 * log4]))
 
 
 def test_bt_pushes_the_pair_apart_and_gre_is_an_entropy():
@@ -111,10 +81,270 @@ def test_bt_pushes_the_pair_apart_and_gre_is_an_entropy():
     assert 0 < gre.item() < torch.log(torch.tensor(4.0)).item()
 
 
-def test_module_matches_function_and_16bit_rewards_give_fp32_loss():
-    rewards = torch.randn(32).to(torch.bfloat16)
-    module = GREBTLoss(alpha=0.4, eps=1e-5)
-    out = module(rewards, 8)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, grebt_loss(rewards, 8, alpha=0.4, eps=1e-5))
-    assert GREBTLoss(reduction="none")(rewards, group_size=4).shape == (8,)
+# ------------------------------------------------------- every backend against float64
+
+def check_against_reference(rewards64, backend, *, rtol=1e-5, dtype=torch.float32, **kwargs):
+    """`backend` on rewards64 cast to `dtype` vs the torch reference in float64 on the same
+    (rounded) values: losses and gradients for every reduction, with a random grad_output.
+
+    docs/design.md §5: the error against float64 may be at most 2x the torch reference's own
+    error in the same dtype (for the torch backend itself: one rounding to the result's
+    dtype), plus rtol times the
+    largest reference value, plus 1e-7 of the gradient's natural scale (grad_output per
+    group): fp32 rounding of O(1) per-group terms. That floor matters only where the true
+    gradient is far below its terms, e.g. the entropy gradient of K = 2, which is a pure
+    eps / std effect."""
+    rounded = rewards64.to(dtype)
+    groups = (len(kwargs["cu_groups"]) - 1 if "cu_groups" in kwargs
+              else rewards64.numel() // kwargs["group_size"])
+    for reduction in REDUCTIONS:
+        results = {}
+        for name, run_on, device, acc in (("fast", backend, DEVICE, dtype),
+                                           ("eager", "torch", "cpu", dtype),
+                                           ("ref", "torch", "cpu", torch.float64)):
+            x = rounded.to(device, acc).requires_grad_(True)
+            loss = grebt_loss(x, reduction=reduction, backend=run_on, **_on(kwargs, device))
+            if "grad_out" not in results:
+                results["grad_out"] = torch.randn(loss.shape, dtype=torch.float64)
+            grad, = torch.autograd.grad(loss, x, results["grad_out"].to(device, loss.dtype))
+            results[name] = (loss, grad)
+        (loss, grad), (ref_loss, _) = results["fast"], results["ref"]
+        assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+        assert grad.dtype == dtype and torch.isfinite(grad).all() and torch.isfinite(loss).all()
+        for i, what in enumerate(("loss", "gradient")):
+            ref = results["ref"][i]
+            err = (results["fast"][i].cpu().double() - ref).abs().max()
+            if backend == "torch":  # the reference itself: one rounding to the result's dtype
+                base = torch.finfo(results["fast"][i].dtype).eps * ref.abs().max()
+            else:
+                base = 2 * (results["eager"][i].double() - ref).abs().max()
+            natural = float(results["grad_out"].abs().max()) / (groups if reduction == "mean" else 1)
+            bound = base + rtol * ref.abs().max() + (1e-7 * natural if what == "gradient" else 0)
+            assert err <= bound, f"{reduction} {what}: error {err:.3g} > bound {bound:.3g}"
+
+
+def _on(kwargs, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 37, 130])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_uniform_groups_match_float64(k, alpha, backend):
+    groups = 5 if k < 100 else 2
+    rewards = torch.randn(groups * k, dtype=torch.float64) * 2
+    check_against_reference(rewards, backend, group_size=k, alpha=alpha)
+
+
+def test_many_small_groups_span_several_programs(backend):
+    rewards = torch.randn(8 * 37, dtype=torch.float64)  # 37 groups of 8: tiles with a ragged tail
+    check_against_reference(rewards, backend, group_size=8, alpha=0.3, eps=1e-4)
+
+
+def test_ragged_groups_match_float64(backend):
+    rewards, cu = random_groups([3, 1, 5, 2, 8, 1, 13, 4, 6])
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.3)
+
+
+def test_largest_issue_group_size_1024(backend):
+    rewards, cu = random_groups([1024, 7, 300])
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.5)
+
+
+def test_ragged_with_equal_sizes_equals_uniform(backend):
+    rewards = torch.randn(24, device=DEVICE)
+    cu = torch.arange(0, 25, 6, dtype=torch.int32, device=DEVICE)
+    for reduction in ("mean", "none"):
+        torch.testing.assert_close(grebt_loss(rewards, cu_groups=cu, reduction=reduction, backend=backend),
+                                   grebt_loss(rewards, 6, reduction=reduction, backend=backend))
+
+
+@pytest.mark.interpreter
+def test_triton_fp64_rewards_pass_gradcheck_through_the_kernel():
+    # fp64 rewards run the kernel's math in fp64, so finite differences check the hand-derived
+    # gradient itself (fp32 is checked against the reference above).
+    rewards, cu = random_groups([4, 1, 3, 2])
+    rewards = rewards.to(DEVICE).requires_grad_(True)
+    cu = cu.to(DEVICE)
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda r: grebt_loss(r, cu_groups=cu, reduction=reduction, backend="triton"), (rewards,),
+            atol=1e-9, rtol=1e-6)
+    for reduction in REDUCTIONS:  # and it agrees with the fp64 reference to rounding
+        got = grebt_loss(rewards, cu_groups=cu, reduction=reduction, backend="triton")
+        want = grebt_loss(rewards.cpu(), cu_groups=cu.cpu(), reduction=reduction, backend="torch")
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-14)
+        grad_out = torch.randn(want.shape, dtype=torch.float64)
+        got_grad, = torch.autograd.grad(got, rewards, grad_out.to(DEVICE))
+        want_grad, = torch.autograd.grad(want, rewards, grad_out)
+        torch.testing.assert_close(got_grad.cpu(), want_grad.cpu(), rtol=1e-9, atol=1e-14)
+    uniform = rewards[:8].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda r: grebt_loss(r, 4, alpha=0.7, backend="triton"), (uniform,),
+                                   atol=1e-9, rtol=1e-6)
+
+
+def test_ties_pick_the_first_max_and_min(backend):
+    # Two tied maxima: the pair is (first max, first min), so only those two get BT gradient.
+    rewards = torch.tensor([0.0, 2.0, -1.0, 2.0, -1.0], device=DEVICE, requires_grad=True)
+    loss = grebt_loss(rewards, 5, alpha=0.0, backend=backend)
+    grad, = torch.autograd.grad(loss, rewards)
+    s = torch.sigmoid(torch.tensor(-3.0))
+    torch.testing.assert_close(grad.cpu(), torch.tensor([0.0, -s, s, 0.0, 0.0]))
+    torch.testing.assert_close(loss.cpu(), -torch.log(torch.sigmoid(torch.tensor(3.0))))
+    check_against_reference(torch.tensor([1.0, 3.0, 3.0, -2.0, 1.0, -2.0], dtype=torch.float64),
+                            backend, group_size=6, alpha=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_degenerate_groups_give_finite_zero_gradients(dtype, backend):
+    # K = 1 and all-equal groups: w = l (zero BT gradient), uniform or one-hot p (zero GRE
+    # gradient), std = 0 with a zero std gradient.
+    rewards = torch.tensor([1.5, -2.0, 3.0, 3.0, 3.0, 3.0], dtype=dtype, device=DEVICE, requires_grad=True)
+    cu = torch.tensor([0, 1, 2, 6], dtype=torch.int32, device=DEVICE)
+    if backend == "cuda" and dtype == torch.float64:  # not a cuda dtype: a clear error (§7)
+        with pytest.raises(BackendUnavailableError, match="float64"):
+            grebt_loss(rewards, cu_groups=cu, backend=backend)
+        return
+    got = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none", backend=backend)
+    want = grebt_loss(rewards.detach().cpu().double(), cu_groups=cu.cpu(), alpha=0.3, reduction="none",
+                      backend="torch")
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-6, atol=1e-7)
+    grad, = torch.autograd.grad(got.sum(), rewards)
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+    single, = torch.autograd.grad(grebt_loss(rewards, 1, backend=backend), rewards)
+    assert (single == 0).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_large_rewards_stay_finite_and_accurate(magnitude, backend):
+    rewards = torch.randn(48, dtype=torch.float64) * magnitude
+    rewards[:8] = magnitude  # an all-equal group at the magnitude
+    rewards[8:16] = magnitude + torch.arange(8, dtype=torch.float64)  # nearly equal
+    check_against_reference(rewards, backend, group_size=8, alpha=0.3)
+
+
+def test_nearly_equal_group_has_finite_gradient(backend):
+    rewards = torch.tensor([1.0, 1.0 + 1e-7, 1.0, 1.0], device=DEVICE, requires_grad=True)
+    grad, = torch.autograd.grad(grebt_loss(rewards, 4, backend=backend), rewards)
+    assert torch.isfinite(grad).all()
+
+
+def test_bt_only_keeps_relative_accuracy_on_a_wide_gap(backend):
+    # softplus(r_l - r_w) ~ exp(-30): log(1 + x) must not round it to 0.
+    rewards = torch.tensor([0.0, 30.0, 10.0, 20.0], dtype=torch.float64)
+    check_against_reference(rewards, backend, group_size=4, alpha=0.0)
+
+
+def test_eps_beyond_fp32_range_stays_finite(backend):
+    check_against_reference(torch.randn(12, dtype=torch.float64), backend, group_size=4, eps=1e39)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16bit_rewards(dtype, backend):
+    check_against_reference(torch.randn(48, dtype=torch.float64), backend, group_size=4, dtype=dtype)
+
+
+def test_strided_rewards_with_and_without_grad(backend):
+    base = torch.randn(48, dtype=torch.float64)
+    strided = base.float().to(DEVICE)[::2].requires_grad_(True)  # 24 rewards, stride 2
+    reference = base[::2].float().double().requires_grad_(True)
+    grad_out = torch.randn(4, dtype=torch.float64)
+    got = grebt_loss(strided, 6, reduction="none", backend=backend)
+    want = grebt_loss(reference, 6, reduction="none", backend="torch")
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    got_grad, = torch.autograd.grad(got, strided, grad_out.to(DEVICE, torch.float32))
+    want_grad, = torch.autograd.grad(want, reference, grad_out)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-7)
+    without = grebt_loss(strided.detach(), 6, reduction="none", backend=backend)
+    assert without.grad_fn is None
+    torch.testing.assert_close(without, got.detach())
+
+
+def test_module_uses_the_backend(backend):
+    rewards = torch.randn(24, device=DEVICE)
+    module = GREBTLoss(alpha=0.4, eps=1e-5, backend=backend)
+    torch.testing.assert_close(module(rewards, 8).cpu(),
+                               grebt_loss(rewards.cpu(), 8, alpha=0.4, eps=1e-5, backend="torch"))
+    assert GREBTLoss(reduction="none", backend=backend)(rewards, group_size=4).shape == (6,)
+
+
+def test_a_group_beyond_the_kernels_limit_is_a_clear_error(compiled_backend):
+    limit = {"triton": triton_grebt.MAX_GROUP_SIZE, "cuda": cuda_grebt.MAX_GROUP_SIZE}[compiled_backend]
+    rewards = torch.zeros(limit + 1, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="groups of up to"):
+        grebt_loss(rewards, rewards.numel(), backend=compiled_backend)
+
+
+def test_every_output_element_is_written(monkeypatch, backend):
+    # triton's buffers come from torch.empty: poison them so an element the kernel skips shows
+    # as NaN. The cuda binding allocates in C++: there, fill and free a block first, which the
+    # caching allocator hands out again for the small outputs.
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    if DEVICE.type == "cuda":
+        torch.full((1 << 16,), float("nan"), device="cuda")  # freed at once, memory stays cached
+    rewards, cu = random_groups([3, 1, 9, 2, 17])
+    check_against_reference(rewards, backend, cu_groups=cu, alpha=0.3)
+    check_against_reference(rewards[:30], backend, group_size=3, alpha=0.3)
+
+
+@pytest.mark.parametrize("k", [8, 100, 600])
+def test_gradient_sums_to_zero_when_the_spread_is_near_the_rounding_of_the_mean(k, backend):
+    """The loss is invariant to adding a constant to a group, so its gradient sums to 0 over
+    each group. Rewards 1 + 1e-6 randn have a spread of ~8 ulps of their mean: a single fp32
+    centring leaves a shift of ~1 ulp in every centred reward, enough to break that sum."""
+    rewards = (1.0 + 1e-6 * torch.randn(4 * k, dtype=torch.float64)).float().to(DEVICE)
+    rewards.requires_grad_(True)
+    grad, = torch.autograd.grad(grebt_loss(rewards, k, alpha=1.0, backend=backend), rewards)
+    per_group = grad.view(4, k).double()
+    assert torch.isfinite(per_group).all()
+    assert (per_group.sum(1).abs() <= 1e-4 * per_group.abs().max()).all()
+
+
+# ------------------------------------------------------- the wrong answers of issue 12
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_strided_cu_groups(reduction, backend):
+    """cu_groups taken with a stride give the result of the same offsets made contiguous
+    (§8: any stride is accepted), loss and gradient, against float64."""
+    interleaved = torch.tensor([0, 9, 3, 9, 4, 9, 9, 9, 11, 9], dtype=torch.int32, device=DEVICE)
+    strided = interleaved[::2]
+    assert not strided.is_contiguous()
+    rewards64 = torch.randn(11, dtype=torch.float64) * 2
+    rewards = rewards64.float().to(DEVICE).requires_grad_(True)
+    got = grebt_loss(rewards, cu_groups=strided, reduction=reduction, backend=backend)
+    grad_out = torch.randn(got.shape, dtype=torch.float64)
+    got_grad, = torch.autograd.grad(got, rewards, grad_out.to(DEVICE, got.dtype))
+    ref = rewards.detach().cpu().double().requires_grad_(True)
+    want = grebt_loss(ref, cu_groups=strided.cpu().contiguous(), reduction=reduction, backend="torch")
+    want_grad, = torch.autograd.grad(want, ref, grad_out)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [{"group_size": 4}, {"cu_groups": [0, 3, 4, 8]}], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_second_derivative_is_right_or_a_clear_error(groups, reduction, backend):
+    groups = {k: torch.tensor(v, dtype=torch.int32, device=DEVICE) if isinstance(v, list) else v
+              for k, v in groups.items()}
+    rewards = (torch.randn(8, dtype=torch.float64, device=DEVICE) * 2).requires_grad_(True)
+    check_second_derivative("grebt_loss", backend,
+                            lambda r: grebt_loss(r, alpha=0.4, reduction=reduction, backend=backend, **groups),
+                            (rewards,))
+
+
+# ------------------------------------------------------- the compiled ops
+
+def test_compiled_op_registration(compiled_backend):
+    op = {"triton": triton_grebt._grebt_op, "cuda": cuda_grebt._grebt_op}[compiled_backend]
+    rewards = torch.randn(24, device=DEVICE, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 24], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(op, (rewards, 8, None, 8, 0.3, 1e-6, "mean", True))
+    torch.library.opcheck(op, (rewards, None, cu, 18, 0.3, 1e-6, "none", True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_gpu_matches_float64_at_scale(backend_name):
+    rewards = torch.randn(16384 * 8, dtype=torch.float64)
+    check_against_reference(rewards, backend_name, group_size=8, alpha=0.3)
+    check_against_reference(rewards[: 64 * 8], backend_name, group_size=8, alpha=0.3, dtype=torch.bfloat16)

@@ -1,4 +1,5 @@
-"""R2MHead: eager against the float64 loop, folded backends against eager, the schedule."""
+"""R2MHead: eager against the float64 loop, folded backends against eager, the schedule, and
+a whole R2M update under torch.compile."""
 
 import pytest
 import torch
@@ -6,8 +7,10 @@ import torch.nn as nn
 
 import r2m_kernels
 from r2m import R2MHead, omega
+from tests.backends import DEVICE
 from tests.inputs import MASK_KINDS, make_mask, pack
 from tests.loops import r2m_head_loop
+from tests.pool_checks import make_inputs
 
 FOLDED = [b for b in ("torch", "triton", "cuda") if b in r2m_kernels.available_backends("attention_pool", "cpu")]
 
@@ -77,15 +80,20 @@ def test_packed_equals_padded(backend):
                                head(rte, hidden, mask=mask, omega=0.2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["eager"] + FOLDED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["eager", "auto"] + FOLDED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_step_zero_is_the_original_reward_exactly(backend, dtype):
+    """docs/design.md §1.2: at omega = 1 the reward is bitwise the RM's score(rte)."""
     head = R2MHead(11, 13, 12, 2, total_steps=50, backend=backend)
     rte = torch.randn(6, 11).to(dtype)
     hidden = torch.randn(6, 8, 13).to(dtype)
     rewards = head(rte, hidden, step=0)
     assert rewards.dtype == torch.float32 and rewards.shape == (6,)
     assert torch.equal(rewards, head.score(rte.float()).squeeze(-1))
+    assert torch.equal(head(rte, hidden, omega=1.0), rewards)
+    # The attention block is in the graph with a zero gradient, as in the eager formula.
+    grads = torch.autograd.grad(rewards.sum(), [head.q_proj.weight, head.o_proj.weight])
+    assert all(g is not None and (g == 0).all() for g in grads)
     assert not torch.equal(head(rte, hidden, step=25), rewards)  # the attention matters later
 
 
@@ -195,3 +203,67 @@ def test_non_finite_values_at_invalid_positions_do_not_leak(backend, bad):
     out = head(rte, packed_bad, cu_seqlens=cu, omega=0.3)
     assert not torch.isfinite(out[0]) and torch.isfinite(out[1:]).all()  # no leak into the others
     torch.testing.assert_close(out[1:], clean[1:], rtol=1e-12, atol=1e-12)
+
+
+def head_pair(backend, num_heads=2):
+    """An fp32 R2MHead with `backend` and a torch-backend copy with the same weights."""
+    fast = R2MHead(40, 24, attn_dim=16, num_heads=num_heads, omega_floor=0.3, backend=backend)
+    ref = R2MHead(40, 24, attn_dim=16, num_heads=num_heads, omega_floor=0.3, backend="torch")
+    ref.load_state_dict(fast.state_dict())
+    return fast.to(DEVICE), ref.to(DEVICE)
+
+
+def test_torch_compile_fullgraph(compiled_backend):
+    """torch.compile(fullgraph=True) traces a whole R2M update with a compiled backend (the
+    head's folded attention, score_mix and the GREBT loss, all torch.library custom ops)
+    without a graph break, and gradients flow through every op. aot_eager runs the ops
+    themselves (on the CPU: the interpreter, the cuda contract model); the gpu test below
+    compiles the head with inductor."""
+    fast, ref = head_pair(compiled_backend)
+
+    def update_loss(head, rte, hidden, cu_seqlens):
+        rewards = head(rte, hidden, cu_seqlens=cu_seqlens, omega=0.4)
+        return r2m_kernels.grebt_loss(rewards, 2, backend=head.backend)
+
+    compiled = torch.compile(update_loss, fullgraph=True, backend="aot_eager")
+    rte = torch.randn(4, 40, device=DEVICE)
+    hidden, _, _, cu_seqlens = make_inputs("packed", 4, 11, 24, 1)
+    hidden = hidden.float()
+    loss = compiled(fast, rte, hidden, cu_seqlens)
+    loss.backward()
+    loss_ref = update_loss(ref, rte, hidden, cu_seqlens)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
+        if name == "score.bias":  # GREBT ignores a shift of every reward: both are rounding noise
+            assert p.grad.abs().item() < 1e-5 and p_ref.grad.abs().item() < 1e-5
+            continue
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_head_matches_torch(backend):
+    fast, ref = head_pair(backend)
+    hidden, _, mask, _ = make_inputs("holes", 3, 50, 24, 1)
+    rte = torch.randn(3, 40, device=DEVICE)
+    for head in (fast, ref):
+        head(rte, hidden.float(), mask=mask, omega=0.4).sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    fast, ref = head_pair("triton", num_heads=4)
+    compiled = torch.compile(fast, fullgraph=True)
+    rte = torch.randn(8, 40, device="cuda")
+    hidden, _, mask, _ = make_inputs("left", 8, 300, 24, 1, device="cuda")
+    hidden = hidden.to(torch.bfloat16)
+    rewards = compiled(rte, hidden, mask=mask)
+    rewards_ref = ref(rte, hidden, mask=mask)
+    torch.testing.assert_close(rewards, rewards_ref, rtol=2e-2, atol=2e-2)
+    rewards.sum().backward()
+    rewards_ref.sum().backward()
+    for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=2e-2, atol=2e-2, msg=name)
