@@ -101,6 +101,14 @@ def resolve(op: str, backend: str, inputs) -> tuple[str, Callable]:
     return backend, _REGISTRY[(op, backend)].fn
 
 
+def _check_names(backend: str | None, op: str | None) -> None:
+    """An unknown backend or op name is a ValueError, as in resolve (not a reason string)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if op is not None and op not in OPS:
+        raise ValueError(f"op must be one of {OPS} or None, got {op!r}")
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -109,6 +117,7 @@ def why_unavailable(backend: str, op: str | None = None, device: torch.device | 
     """Why `backend` cannot run `op` (every op when None) on tensors of `device` (this machine's
     default device when None), or None when it can. Limits on particular inputs are checked
     call by call, not here."""
+    _check_names(backend, op)
     device = _default_device() if device is None else torch.device(device)
     for name in OPS if op is None else (op,):
         reason = _why_not_device(name, backend, device)
@@ -127,4 +136,5 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     on particular inputs (sizes, dtypes) are not part of this answer: `auto` checks them
     call by call.
     """
+    _check_names(None, op)
     return [b for b in BACKENDS if why_unavailable(b, op, device) is None]

@@ -112,11 +112,15 @@ def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e
     keep = (lambda t: t) if valid is None else (lambda t: t * valid)
     mean = keep(g).sum(1, keepdim=True) / count[:, None]
     centered = keep(g - mean)
-    var = (centered * centered).sum(1, keepdim=True) / count[:, None]
+    # std = size * sqrt(mean((c / size)^2)) with size = max |c|: the squares of rewards beyond
+    # sqrt(float max) (~1e19 in fp32) would overflow, and an infinite std makes z = 0.
+    size = centered.detach().abs().amax(1, keepdim=True)
+    unit = centered / torch.where(size > 0, size, 1.0)
+    var = (unit * unit).sum(1, keepdim=True) / count[:, None]
     # sqrt has an infinite derivative at 0: a group of equal rewards gets std = 0 with a zero
     # gradient (its entropy gradient is zero there anyway) instead of 0 * inf = NaN.
     positive = var > 0
-    std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0)
+    std = size * torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0)
     z = centered / (std + eps)
     if valid is not None:
         z = z.masked_fill(~valid, float("-inf"))

@@ -3,7 +3,9 @@
 Shape, dtype and device checks always run. Checks that need the tensors' values (an
 all-masked row, cu_seqlens that do not increase) synchronise with the device once per call;
 they are skipped while torch.compile traces, where a data-dependent branch would break the
-graph. NaN/Inf checks run only when enabled (`finite_checks()` or R2M_CHECK_FINITE=1).
+graph, and for tensors on the meta device, which have no values (offsets, whose values shape
+the computation, cannot be meta). NaN/Inf checks run only when enabled (`finite_checks()` or
+R2M_CHECK_FINITE=1).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+_FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 _check_finite = os.environ.get("R2M_CHECK_FINITE", "0") not in ("", "0", "false", "False")
 
@@ -81,6 +85,15 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether t's values can be checked: not while tracing, not on the meta device."""
+    return not _tracing() and t.device.type != "meta"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
@@ -92,21 +105,30 @@ def check_tensor(name: str, t, *, ranks, dtypes=FLOAT_DTYPES, device=None) -> No
         want = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
     if t.dtype not in dtypes:
-        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+        want = ", ".join(_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({want}), got {_name(t.dtype)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if _check_finite and not _tracing() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+def check_finite(name: str, t: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    """With the finite check on: NaN/Inf in t is an error. `valid` (t's leading dims, bool):
+    only those positions count (pad rows may hold anything, docs/design.md §2.1)."""
+    if not (_check_finite and _has_values(t)):
+        return
+    finite = torch.isfinite(t)
+    if valid is not None:
+        finite = finite | ~valid.reshape(valid.shape + (1,) * (t.dim() - valid.dim()))
+    if not bool(finite.all()):
+        raise ValueError(f"{name} contains NaN or Inf" + ("" if valid is None else " at a valid position"))
 
 
 def check_offsets(name: str, offsets, total: int, total_name: str, device):
     """int32 (n+1,) offsets, starting at 0, strictly increasing, ending at `total`, of any
     stride. Returns (n, the offsets contiguous, the longest segment or None while tracing)."""
     check_tensor(name, offsets, ranks=(1,), dtypes=(torch.int32,), device=device)
+    if offsets.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: its values, the segment boundaries, are needed")
     if offsets.numel() < 2:
         raise ValueError(f"{name} must have at least 2 entries (n+1 offsets), got shape {_shape(offsets)}")
     offsets = offsets.contiguous()  # the kernels index them as a plain array
@@ -127,7 +149,10 @@ def check_offsets(name: str, offsets, total: int, total_name: str, device):
 def check_scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{name} must be finite, got an int of {value.bit_length()} bits") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
@@ -175,13 +200,13 @@ def validate_sequences(hidden, mask, cu_seqlens) -> tuple[int, torch.Tensor | No
             raise ValueError(f"mask must have shape (B, S) = {tuple(hidden.shape[:2])}, got {_shape(mask)}")
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but hidden is on {device}")
-        if not _tracing():
+        if _has_values(mask):
             empty = (mask == 0).all(dim=1)
             if bool(empty.any()):
                 rows = empty.nonzero().flatten()[:8].tolist()
                 raise ValueError(f"mask has rows with no valid position (rows {rows}); "
                                  "attention over an empty row is undefined")
-    check_finite("hidden", hidden)
+    check_finite("hidden", hidden, None if mask is None else mask != 0)
     return batch, cu_seqlens
 
 
@@ -196,7 +221,11 @@ def validate_attention_pool(hidden, q, scale, mask, cu_seqlens) -> PoolInputs:
     if q.shape[1] == 0:
         raise ValueError(f"q must have at least one head, got shape {_shape(q)}")
     check_finite("q", q)
-    return PoolInputs(hidden, q, check_scalar("scale", scale), mask, cu_seqlens)
+    scale = check_scalar("scale", scale)
+    if hidden.dtype != torch.float64 and abs(scale) > _FP32_MAX:  # folded into q in fp32
+        raise ValueError(f"scale must be within float32's range for {_name(hidden.dtype)} hidden "
+                         f"(the scores are fp32), got {scale}")
+    return PoolInputs(hidden, q, scale, mask, cu_seqlens)
 
 
 def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction) -> GrebtInputs:
@@ -217,6 +246,11 @@ def validate_grebt(rewards, group_size, cu_groups, alpha, eps, reduction) -> Gre
                                                      rewards.device)
     alpha = check_scalar("alpha", alpha, low=0.0, high=1.0)
     eps = check_scalar("eps", eps, low=0.0, low_open=True)
+    if rewards.dtype != torch.float64 and eps < _FP32_TINY:
+        # Below float32's smallest normal eps rounds (or, on a GPU, flushes) to 0, and a group
+        # of equal rewards would divide 0 by 0.
+        raise ValueError(f"eps must be >= {_FP32_TINY:.3g} (float32's smallest normal) for "
+                         f"{_name(rewards.dtype)} rewards (the math is fp32), got {eps}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_finite("rewards", rewards)
