@@ -86,8 +86,12 @@ class Spec:
         """The launch's tile sizes and launch options, by name."""
         names = {(i,): name for i, name in enumerate(_KERNELS[self.kernel].arg_names)}
         block = {names.get(k, str(k)): _plain(v) for k, v in self.constexprs.items()
-                 if names.get(k, "").startswith("BLOCK") or names.get(k, "") in ("ACC", "DOT", "PRECISION")}
+                 if names.get(k, "").startswith("BLOCK") or names.get(k, "") in _META}
         return {**block, "num_warps": self.options.num_warps, "num_stages": self.options.num_stages}
+
+
+# Constexprs that tell specialisations of one kernel apart in reports, beside the tiles.
+_META = ("ACC", "DOT", "PRECISION", "SOFTMAX", "NEED_DH", "WRITE_GRAD", "RAGGED")
 
 
 def _plain(value):
@@ -407,6 +411,24 @@ def summary(specs: list[Spec], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+REFERENCE_CASES = ("attention_pool paper-8b bf16 mask", "attention_pool heads bf16 mask",
+                   "grebt_loss uniform K=8 G=64 bf16", "score_mix paper-8b fp32 head, bf16 rte bias grads=all")
+
+
+def markdown_table(specs: list[Spec], results: list[dict]) -> str:
+    """Registers, spills and shared memory of every sm_90 specialisation of the reference cases."""
+    lines = [f"Triton {triton.__version__}, sm_90:", "",
+             "| kernel | case | config | registers | spill bytes | shared bytes |", "|---|---|---|---|---|---|"]
+    rows = []
+    for spec, result in zip(specs, results):
+        case = next((c for c in spec.cases if c.startswith(REFERENCE_CASES)), None)
+        if spec.arch == 90 and case and "error" not in result:
+            config = ", ".join(f"{k}={v}" for k, v in spec.meta().items())
+            rows.append(f"| `{spec.kernel}` | {case} | {config} | {result['registers']} | {result['spills']} | "
+                        f"{result['shared']} |")
+    return "\n".join(lines + sorted(rows)) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
@@ -414,6 +436,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", help="write every specialisation and its ptxas numbers here (JSON)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--cases", default="", metavar="REGEX", help="only the cases whose label matches")
+    parser.add_argument("--markdown", help="write the sm_90 table of the reference cases (paper-8b and heads "
+                                           "bf16 with a mask, GREBT 64 x 8, score_mix at paper-8b) here")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
     started = time.perf_counter()
@@ -429,6 +453,9 @@ def main(argv=None) -> int:
             json.dump({"triton": triton.__version__, "torch": torch.__version__, "specialisations": [
                 {"kernel": s.kernel, "arch": s.arch, "meta": s.meta(), "cases": s.cases, **r}
                 for s, r in zip(specs, results)]}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(specs, results))
     problems = findings(specs, results, archs, check_coverage=not args.cases)
     for line in problems:
         print("FAIL", line)
