@@ -1,6 +1,6 @@
 """The `r2m bench` ops under pytest-benchmark: `pytest benchmarks --benchmark-only`.
 
-Same cases as `r2m bench` (r2m/bench/cases.py): DESIGN §6 sizes in bf16 when CUDA is present,
+Same cases as `r2m bench` (r2m/bench/cases.py): docs/design.md §6 sizes in bf16 when CUDA is present,
 the tiny-cpu size in fp32 on the CPU. Each test times one (op, size, backend) phase:
 `forward` alone or `step` (forward+backward, plus AdamW for update and rm-update). The
 `r2m bench` command adds what pytest-benchmark does not: do_bench's L2 flushing, peak memory,

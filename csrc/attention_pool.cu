@@ -1,4 +1,4 @@
-// attention_pool launchers of r2m_cuda.h (DESIGN §2); the semantics of
+// attention_pool launchers of r2m_cuda.h (docs/design.md §2); the semantics of
 // r2m_kernels/triton/attention_pool.py:
 //     pooled[b, j] = sum_t softmax_t(q_scaled[b, j] . h[b, t]) h[b, t]      over valid t
 //

@@ -1,4 +1,4 @@
-// GREBT loss (DESIGN §1.3) and its gradient in one launch. The contract is r2m_cuda.h; the
+// GREBT loss (docs/design.md §1.3) and its gradient in one launch. The contract is r2m_cuda.h; the
 // semantics, formulas and edge cases are those of r2m_kernels/triton/grebt.py (its docstring
 // derives the gradient).
 //

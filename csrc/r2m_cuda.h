@@ -18,7 +18,7 @@ namespace r2m {
 enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------
-// attention_pool (DESIGN §2):
+// attention_pool (docs/design.md §2):
 //   pooled[b, j] = sum_t softmax_t(q_scaled[b, j] . h[b, t]) h[b, t]      over valid t
 //
 // Layout of hidden: padded (B, S, D) with row stride stride_hs and batch stride stride_hb and
@@ -66,7 +66,7 @@ cudaError_t attention_pool_backward(const PoolProblem& p, const float* grad, con
                                     cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// GREBT loss (DESIGN §1.3), per group of rewards, fp32 math:
+// GREBT loss (docs/design.md §1.3), per group of rewards, fp32 math:
 //   loss_g = (1 - alpha) softplus(r_l - r_w) + alpha H(softmax(z)),
 //   z = (r - mean) / (population std + eps), w / l = first index of the max / min.
 // Same semantics and gradient as r2m_kernels/triton/grebt.py (its docstring has the formulas;

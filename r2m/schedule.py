@@ -1,4 +1,4 @@
-"""The time-step weight of R2M (DESIGN §1.2): a weight over training steps, not tokens."""
+"""The time-step weight of R2M (docs/design.md §1.2): a weight over training steps, not tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Independent float64 implementations, written as plain loops straight from DESIGN §1.2–1.3.
+"""Independent float64 implementations, written as plain loops straight from docs/design.md §1.2–1.3.
 
 They share no code with the package, so a wrong sign, scale or mask in the package cannot be
 copied into its own reference. Slow on purpose: use small shapes.

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .rm_update import BACKBONES
 
     parser.add_argument("--sizes", type=_names(list(SIZES)), nargs="+",
-                        help=f"sizes (DESIGN §6): {', '.join(SIZES)}; default {','.join(GPU_DEFAULT)} on "
+                        help=f"sizes (docs/design.md §6): {', '.join(SIZES)}; default {','.join(GPU_DEFAULT)} on "
                              f"the GPU, {','.join(CPU_DEFAULT)} on the CPU")
     parser.add_argument("--ops", type=_names(list(OPS)), nargs="+", help=f"ops: {', '.join(OPS)} (default all)")
     parser.add_argument("--backends", type=_names(["eager", "compile", "torch", "triton", "cuda"]), nargs="+",

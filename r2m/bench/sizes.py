@@ -1,4 +1,4 @@
-"""The benchmark sizes (DESIGN §6), in one place.
+"""The benchmark sizes (docs/design.md §6), in one place.
 
 B sequences of S positions of the policy's hidden states (width D_p); the reward model's
 width D_rm; the attention width d split over n_h heads. `group` is K, the responses per
