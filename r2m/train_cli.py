@@ -163,14 +163,14 @@ def parse(argv: list[str]):
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    types_ = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
-    _check_yaml(from_yaml, types_)
+    sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
+    _check_yaml(from_yaml, sections)
     defaults = {"report_to": "none", "logging_steps": 1}
     if picked["policy"] is None:
         defaults.update(demo_defaults(on_cpu))
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
-    parser = _make_parser(types_, defaults)
+    parser = _make_parser(sections, defaults)
     try:
         return parser.parse_args_and_config(argv)
     except (ValueError, TypeError) as e:  # a dataclass's own check (__post_init__)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import string
 
-import torch
 import torch.nn as nn
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}</s>{% endfor %}"

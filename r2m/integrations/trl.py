@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import trl
-from packaging.version import Version
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer, RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
