@@ -271,25 +271,28 @@ def test_a_dominant_position_takes_all_the_weight(backend):
 
 @pytest.mark.parametrize("layout", ["holes", "left", "packed"])
 @pytest.mark.parametrize("n_split", [1, 3])
-def test_forced_splits_match_float64(layout, n_split, compiled_backend, monkeypatch):
-    """Whatever number of splits the host picks, the combine gives the float64 result
-    (3 splits of 40 positions: chunks of 16, 16 and 8, some with no valid position)."""
+def test_cuda_host_side_with_forced_splits(layout, n_split, cuda_contract, monkeypatch):
+    """The cuda host code (scale folding, split combine, dq scaling, autograd) through the
+    contract model: whatever number of splits the host picks, the result is the float64 one
+    (3 splits of 40 positions: chunks of 16, 16 and 8, some with no valid position). Triton's
+    splits are exercised by the cases above, on a pretend 2-SM device."""
     chosen = []
     monkeypatch.setattr(splits, "num_splits", lambda programs, seq_len, device: chosen.append(n_split) or n_split)
-    mask = make_mask(3, 40, "holes" if layout == "holes" else "left").to(DEVICE)
-    hidden64 = torch.randn(3, 40, 6, dtype=torch.float64, device=DEVICE)
+    mask = make_mask(3, 40, "holes" if layout == "holes" else "left")
+    hidden64 = torch.randn(3, 40, 6, dtype=torch.float64)
     cu_seqlens = None
     if layout == "packed":
         hidden64, cu_seqlens = pack(hidden64, mask)
-        mask, cu_seqlens = None, cu_seqlens.to(DEVICE)
-    q64 = torch.randn(3, 2, 6, dtype=torch.float64, device=DEVICE)
-    grad = torch.randn(3, 2, 6, dtype=torch.float64, device=DEVICE)
+        mask = None
+    q64 = torch.randn(3, 2, 6, dtype=torch.float64)
+    grad = torch.randn(3, 2, 6, dtype=torch.float64)
     ref = pool_and_grads("torch", hidden64, q64, 0.7, mask, cu_seqlens, grad, True)
-    got = pool_and_grads(compiled_backend, hidden64.float(), q64.float(), 0.7, mask, cu_seqlens, grad, True)
+    got = pool_and_grads("cuda", hidden64.float(), q64.float(), 0.7, mask, cu_seqlens, grad, True)
     for name, g, r in zip(("pooled", "dq", "dhidden"), got, ref):
         assert g.dtype == torch.float32, name
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=name)
     assert chosen == [n_split, n_split]
+    assert cuda_contract.calls == [("attention_pool_forward", n_split), ("attention_pool_backward", n_split)]
 
 
 # ------------------------------------------------------- the three wrong answers of issue 12
