@@ -135,7 +135,7 @@ def test_16bit_inputs_fp32_parameters_and_rewards():
 
 @pytest.mark.parametrize("backend", FOLDED)
 def test_bf16_error_is_within_twice_eager_error(backend):
-    """DESIGN §5: in low precision, the folded path's error against float64 is at most twice the
+    """docs/design.md §5: in low precision, the folded path's error against float64 is at most twice the
     error of the eager path run in the same precision, plus a small slack."""
     ref = make_head(rm_dim=24, policy_dim=40, attn_dim=32, heads=2)
     rte = torch.randn(8, 24, dtype=torch.float64)
