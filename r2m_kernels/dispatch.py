@@ -19,9 +19,9 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 OPS = ("attention_pool", "grebt_loss", "score_mix")
 
-# Preference of "auto" per device type. The plain-PyTorch reference is the CPU default: the
-# Triton interpreter is for testing, not speed. On a GPU the order per op comes from the
-# benchmark suite (benchmarks/RESULTS.md).
+# Preference of "auto" per device type and op. The plain-PyTorch reference is the CPU default:
+# the Triton interpreter is for testing, not speed. On a GPU: triton, cuda, torch;
+# benchmarks/RESULTS.md records what the order rests on.
 AUTO_ORDER = {
     "cuda": {"attention_pool": ("triton", "cuda", "torch"),
              "grebt_loss": ("triton", "cuda", "torch"),
