@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, str] = {
     # name: module
     "bench": "r2m.bench",
+    "experiment": "r2m.experiment",
     "train": "r2m.train_cli",
 }
 

@@ -15,8 +15,10 @@ from .head import HEAD_BACKENDS
 
 # The method and the paper's ablations (docs/design.md §1.4): the R2M reward with the head trained
 # every step; the static RM; the head never trained; Gaussian noise instead of the policy's
-# hidden states; Bradley-Terry only (GREBT alpha = 0); group reward entropy only (alpha = 1).
-MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only")
+# hidden states; Bradley-Terry only (GREBT alpha = 0); group reward entropy only (alpha = 1); the
+# paper's Iterative RMHead baseline (its appendix G.5): no policy hidden states, the reward is the
+# RM's own score head phi(rte), and GREBT on those rewards trains phi alone.
+MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterative-head")
 
 
 @dataclass
@@ -27,7 +29,8 @@ class R2MConfig:
 
     mode: str = field(default="r2m", metadata={
         "help": "reward: r2m (the head trained every step), static (the plain RM), r2m-frozen (head never "
-                "trained), noise (Gaussian noise instead of the policy's hidden states), bt-only, gre-only",
+                "trained), noise (Gaussian noise instead of the policy's hidden states), bt-only, gre-only, "
+                "iterative-head (the paper's baseline: only the RM's score head trains, no hidden states)",
         "choices": list(MODES)})
     head_learning_rate: float = field(default=1e-4, metadata={
         "help": "AdamW learning rate of the R2M head (the paper: 1e-6 dialogue, 5e-7 TL;DR; a short run needs more)"})
@@ -69,6 +72,11 @@ class R2MConfig:
     def uses_head(self) -> bool:
         """False in static mode: the reward is the RM's own and the head is never run."""
         return self.mode != "static"
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        """Whether the reward reads the policy's hidden states (static and iterative-head do not)."""
+        return self.mode not in ("static", "iterative-head")
 
     @property
     def trains_head(self) -> bool:

@@ -65,7 +65,9 @@ def all_reduce_gradients(module: nn.Module) -> None:
 class HeadUpdate:
     """The head's optimizer and its GREBT step, as the mode asks: `static` never runs the head;
     `r2m-frozen` evaluates the loss without a step; `noise` feeds the head noise with the hidden
-    states' per-feature statistics; `bt-only` / `gre-only` fix the mix alpha."""
+    states' per-feature statistics; `bt-only` / `gre-only` fix the mix alpha; `iterative-head`
+    (the paper's Iterative RMHead baseline) rewards with the head's score phi on the RTE alone
+    and trains phi only."""
 
     def __init__(self, reward_model: R2MRewardModel, config: R2MConfig):
         self.reward_model, self.config = reward_model, config
@@ -73,18 +75,35 @@ class HeadUpdate:
         self.head.backend = config.head_backend
         loss_backend = "auto" if config.head_backend == "eager" else config.head_backend
         self.loss = GREBTLoss(alpha=config.alpha, backend=loss_backend)
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=config.head_learning_rate)
+        trained = self.head.score if config.mode == "iterative-head" else self.head
+        self.optimizer = torch.optim.AdamW(trained.parameters(), lr=config.head_learning_rate)
 
     def head_input(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return noise_like(hidden, attention_mask) if self.config.mode == "noise" else hidden
 
+    def _head_reward(self, rte, hidden, attention_mask, omega: float) -> torch.Tensor:
+        if self.config.mode == "iterative-head":
+            return self.head.score(rte.to(self.head.score.weight.dtype)).squeeze(-1).float()
+        return self.reward_model(rte, self.head_input(hidden, attention_mask), mask=attention_mask, omega=omega)
+
     @torch.no_grad()
     def rewards(self, rte, hidden, attention_mask, omega: float) -> torch.Tensor:
-        """The rewards the policy is trained on (B,) fp32: the R2M reward at `omega`, or the
-        RM's own in static mode."""
+        """The rewards the policy is trained on (B,) fp32: the R2M reward at `omega`, the RM's
+        own in static mode, phi(rte) in iterative-head mode (hidden may be None in both)."""
         if not self.config.uses_head:
             return self.reward_model.static_reward(rte)
-        return self.reward_model(rte, self.head_input(hidden, attention_mask), mask=attention_mask, omega=omega)
+        return self._head_reward(rte, hidden, attention_mask, omega)
+
+    @torch.no_grad()
+    def reward_terms(self, rte, hidden, attention_mask, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The R2M reward split as reward = head term + RM term + b (docs/design.md §1.2):
+        head term (1 - omega) w.H_hat, RM term omega w.rte, with w the head's current score
+        weight; each (B,) fp32. Only for modes that read hidden states."""
+        if not self.config.reads_hidden_states:
+            raise ValueError(f"mode {self.config.mode!r} has no head term")
+        h_hat = self.head.attend(rte, self.head_input(hidden, attention_mask), mask=attention_mask)
+        w = self.head.score.weight.squeeze(0)
+        return ((1.0 - omega) * (h_hat.float() @ w.float()), omega * (rte.float() @ w.float()))
 
     def step(self, rte, hidden, attention_mask, omega: float, group_size: int) -> dict:
         """GREBT on this process's rows (B_local, ...) within the whole batch's groups of
@@ -98,7 +117,7 @@ class HeadUpdate:
         start = time.perf_counter()
         self.head.train(self.config.trains_head)
         with torch.set_grad_enabled(self.config.trains_head):
-            local = self.reward_model(rte, self.head_input(hidden, attention_mask), mask=attention_mask, omega=omega)
+            local = self._head_reward(rte, hidden, attention_mask, omega)
             loss = self.loss(gather_keeping_local_grad(local), group_size)
         if self.config.trains_head:
             self.optimizer.zero_grad(set_to_none=True)

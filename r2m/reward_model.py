@@ -110,6 +110,13 @@ class R2MRewardModel(nn.Module):
     def clear_cache(self) -> None:
         self._rte_cache.clear()
 
+    def share_cache(self, cache: OrderedDict) -> None:
+        """Use `cache` (an OrderedDict, possibly another R2MRewardModel's) for the RTEs: valid
+        between models with the same frozen backbone, which embed a response identically."""
+        if not isinstance(cache, OrderedDict):
+            raise TypeError(f"cache must be an OrderedDict; got {type(cache).__name__}")
+        self._rte_cache = cache
+
     # RM inputs -------------------------------------------------------------------------------
 
     def rm_inputs(self, prompts, responses, *, input_ids=None, attention_mask=None, policy_tokenizer=None):

@@ -2,8 +2,8 @@
 
 Settings come from TRL's own parser (TrlParser): TRL's config (RLOOConfig or GRPOConfig, by
 --trainer), the R2M section (R2MConfig) and the command's own arguments, from a YAML file
-(--config) and flags, flags last. With no --policy it runs the embedded demo. A bad value is
-one line naming the field, exit status 2.
+(--config) and flags, flags last. The demo is `r2m experiment`. A bad value is one line naming
+the field, exit status 2.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = ("Train a policy with TRL against a real-time aligned reward model. With no --policy, runs the "
-        "embedded demo: SmolLM2-135M-Instruct trained against a deliberately biased reward model, once "
-        "with the static RM and once with R2M, ending with a table and a plot.")
+HELP = ("Train a policy with TRL against a real-time aligned reward model (the demo and the paired "
+        "experiment are `r2m experiment`).")
 
 TRAINERS = ("rloo", "grpo")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,7 +33,7 @@ class TrainArguments:
     _argument_group_name = "r2m train"
 
     policy: str | None = field(default=None, metadata={
-        "help": "policy: a transformers causal-LM folder (or hub id); omit for the demo"})
+        "help": "policy: a transformers causal-LM folder (or hub id)"})
     reward_model: str | None = field(default=None, metadata={
         "help": "reward model: a transformers sequence-classification folder (or hub id) with one label"})
     prompts: str | None = field(default=None, metadata={
@@ -45,15 +44,13 @@ class TrainArguments:
         "help": "auto (CUDA when present), cpu or cuda; several GPUs: launch with `accelerate launch`",
         "choices": list(DEVICES)})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint-N in output_dir"})
-    tiny: bool = field(default=False, metadata={
-        "help": "demo with a tiny random-weight model instead of SmolLM2 (a smoke run in seconds)"})
 
 
 class UsageError(Exception):
     """A bad setting: reported as one line, exit status 2."""
 
 
-def _make_parser(dataclass_types, defaults: dict):
+def _make_parser(dataclass_types, defaults: dict, prog: str = "r2m train", description: str = HELP):
     """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors raised as
     UsageError (one line; argparse's usage dump would bury the message)."""
     from trl import TrlParser
@@ -62,17 +59,17 @@ def _make_parser(dataclass_types, defaults: dict):
         def error(self, message):
             raise UsageError(message)
 
-    parser = OneLineErrors(dataclass_types, prog="r2m train", description=HELP)
+    parser = OneLineErrors(dataclass_types, prog=prog, description=description)
     parser.set_defaults(**defaults)
     return parser
 
 
-def _prescan(argv: list[str]) -> tuple[dict, dict]:
-    """(the YAML file's mapping, the settings that pick defaults: trainer, device, policy), read
-    before the full parse; flags win over the file."""
+def _prescan(argv: list[str], names=("trainer", "device", "policy")) -> tuple[dict, dict]:
+    """(the YAML file's mapping, the settings that pick defaults: `names`), read before the
+    full parse; flags win over the file."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
-    for name in ("trainer", "device", "policy"):
+    for name in names:
         pre.add_argument(f"--{name}")
     known, _ = pre.parse_known_args(argv)
     from_yaml = {}
@@ -91,7 +88,7 @@ def _prescan(argv: list[str]) -> tuple[dict, dict]:
             raise UsageError(f"--config: {known.config} must hold a mapping of settings, "
                              f"not {type(from_yaml).__name__}")
     picked = {name: getattr(known, name) if getattr(known, name) is not None else from_yaml.get(name)
-              for name in ("trainer", "device", "policy")}
+              for name in names}
     return from_yaml, picked
 
 
@@ -151,7 +148,6 @@ def parse(argv: list[str]):
     from trl import GRPOConfig, RLOOConfig
 
     from .config import R2MConfig
-    from .demo.run import demo_defaults
 
     from_yaml, picked = _prescan(argv)
     trainer = picked["trainer"] or "rloo"
@@ -166,8 +162,6 @@ def parse(argv: list[str]):
     sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
     _check_yaml(from_yaml, sections)
     defaults = {"report_to": "none", "logging_steps": 1}
-    if picked["policy"] is None:
-        defaults.update(demo_defaults(on_cpu))
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
     parser = _make_parser(sections, defaults)
@@ -246,8 +240,8 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from .integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
     from .reward_model import R2MRewardModel
 
-    if not (script.reward_model and script.prompts):
-        raise UsageError("policy: --policy needs --reward_model and --prompts")
+    if not (script.policy and script.reward_model and script.prompts):
+        raise UsageError("policy: r2m train needs --policy, --reward_model and --prompts (the demo is `r2m experiment`)")
     policy = _local_or_hub("policy", script.policy)
     rm_source = _local_or_hub("reward_model", script.reward_model)
     policy_config = _load("policy", AutoConfig.from_pretrained, policy)
@@ -274,13 +268,6 @@ def train(script: TrainArguments, r2m_config, args) -> int:
 def main(argv: list[str]) -> int:
     try:
         script, r2m_config, args = parse(argv)
-        if script.policy is None:
-            if script.resume or script.reward_model or script.prompts:
-                raise UsageError("policy: --resume, --reward_model and --prompts need --policy (the demo takes none)")
-            from .demo.run import run_demo
-
-            run_demo(script, r2m_config, args)
-            return 0
         return train(script, r2m_config, args)
     except UsageError as e:
         print(f"r2m train: error: {e}", file=sys.stderr)

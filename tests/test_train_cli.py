@@ -1,5 +1,5 @@
 """`r2m train` on tiny models saved to folders: TRL's parser with the R2M section, one-line
-errors with exit status 2, the same metrics for the same seed, resume, the tiny demo."""
+errors with exit status 2, the same metrics for the same seed, resume, the demo's judge."""
 
 import json
 import shutil
@@ -117,24 +117,9 @@ def test_missing_files_and_devices(models, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n{"question": "x"}\n')
     fails_with(command(models, tmp_path, "--prompts", str(bad)), capsys, "prompts:", "line 2")
-    fails_with(["train", "--resume", "true"], capsys, "need --policy")
+    fails_with(["train", "--resume", "true"], capsys, "needs --policy", "r2m experiment")
     if not torch.cuda.is_available():
         fails_with(command(models, tmp_path, "--device", "cuda"), capsys, "device: cuda", "no CUDA device")
-
-
-def test_tiny_demo_end_to_end(tmp_path, capsys):
-    """The demo driver (static vs r2m on TRL, table, plot) on the tiny model."""
-    argv = ["train", "--tiny", "--device", "cpu", "--max_steps", "2", "--per_device_train_batch_size", "8",
-            "--max_completion_length", "4", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "static proxy" in out and "r2m gold" in out
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["static", "r2m"] and all(len(rows) == 2 for rows in summary.values())
-    # same seed, same prompts: step 0 is identical, and at omega = 1 so are the rewards
-    assert summary["static"][0]["reward"] == summary["r2m"][0]["reward"]
-    assert summary["static"][0]["r2m/rm_reward"] == summary["r2m"][0]["r2m/rm_reward"]
-    assert (tmp_path / "demo.png").stat().st_size > 0
 
 
 def test_demo_gold_judge():

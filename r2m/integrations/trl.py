@@ -6,6 +6,8 @@ Both are TRL's own trainers plus `R2MTrainerMixin`, which takes an `R2MRewardMod
   and no vLLM), counted in `r2m/extra_forwards`;
 - scores every completion with the R2M reward at omega(global step, max_steps), handed to TRL
   as its first reward function (`rewards/r2m/...`), so TRL's weights, advantages and logs apply;
+  logs the frozen RM's reward, the judge's gold reward, and how both rewards agree with gold and
+  with length within each group;
 - recaptures the hidden states in the training forwards of the last iteration over the batch
   (with `num_iterations > 1` they are the refreshed policy's), and after that iteration takes one
   GREBT step on the head with the groups of K completions (`r2m.head_update`, exact across
@@ -35,6 +37,7 @@ from trl.trainer.utils import pad
 
 from ..capture import HiddenStateCapture, policy_backbone
 from ..config import R2MConfig
+from ..experiment_stats import pairwise_agreement
 from ..head_update import HeadUpdate, broadcast_parameters
 from ..reward_model import R2MRewardModel
 from ..schedule import omega as omega_schedule
@@ -162,7 +165,8 @@ class R2MTrainerMixin:
 
     def _generate_and_score_completions(self, inputs):
         pending = self._r2m_scoring  # an evaluation may come while a training batch awaits its head step
-        self._r2m_scoring = _Scoring(capture_old_pass=self.r2m_config.uses_head and self._trl_makes_old_logps_pass())
+        self._r2m_scoring = _Scoring(capture_old_pass=self.r2m_config.reads_hidden_states
+                                     and self._trl_makes_old_logps_pass())
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:  # row ids follow the rows through TRL's shuffle and split
             output["r2m_row"] = torch.arange(len(inputs), device=self.accelerator.device)
@@ -228,7 +232,7 @@ class R2MTrainerMixin:
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         scoring = self._r2m_scoring
         device = self.accelerator.device
-        if self.r2m_config.uses_head and scoring.hidden is None:
+        if self.r2m_config.reads_hidden_states and scoring.hidden is None:
             self._forward_for_hidden_states(scoring)
         if scoring.input_ids is None:  # static mode runs no policy forward; the RM may reuse its tokens
             scoring.input_ids, scoring.attention_mask = self._generated_batch()
@@ -241,14 +245,42 @@ class R2MTrainerMixin:
         rewards = self.head_update.rewards(scoring.rte, scoring.hidden, scoring.attention_mask, scoring.omega)
         self._r2m_reward.values = rewards.tolist()
 
-        self._log_mean("r2m/rm_reward", self.reward_model.static_reward(scoring.rte))
+        rm_rewards = self.reward_model.static_reward(scoring.rte)
+        self._log_mean("r2m/rm_reward", rm_rewards)
         self._log_mean("r2m/omega", torch.tensor([scoring.omega], device=device))
         self._log_mean("r2m/extra_forwards", torch.tensor([float(self._r2m_extra_forwards)], device=device))
+        gold = None
         if self.judge is not None:
             columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
             gold = self.judge(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
-            self._log_mean("r2m/gold_reward", torch.tensor([float(g) for g in gold], device=device))
+            gold = torch.tensor([float(g) for g in gold], device=device)
+            self._log_mean("r2m/gold_reward", gold)
+        if self.model.training:
+            lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=device)
+            self._log_agreement(scoring, rewards, rm_rewards, gold, lengths)
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _log_agreement(self, scoring: _Scoring, rewards, rm_rewards, gold, lengths) -> None:
+        """Within-group pairwise agreement of the reward optimised and of the frozen RM with the
+        gold reward (when there is a judge) and with the completion length, over the whole
+        gathered batch; and, when the reward reads hidden states, the head's share of the
+        within-group reward spread, sd(head term) / (sd(head term) + sd(RM term)) averaged
+        over groups (docs/design.md §1.2 for the two terms)."""
+        gather, k = self.accelerator.gather, self.num_generations
+        columns = {"r2m/agree_length": (rewards, lengths), "r2m/rm_agree_length": (rm_rewards, lengths)}
+        if gold is not None:
+            columns.update({"r2m/agree_gold": (rewards, gold), "r2m/rm_agree_gold": (rm_rewards, gold)})
+        for name, (scores, truth) in columns.items():
+            fraction, pairs = pairwise_agreement(gather(scores.float()), gather(truth.float()), k)
+            if pairs:
+                self._metrics["train"][name].append(fraction)
+        if self.r2m_config.reads_hidden_states:
+            head, rm = (gather(t) for t in self.head_update.reward_terms(scoring.rte, scoring.hidden,
+                                                                         scoring.attention_mask, scoring.omega))
+            spread_head, spread_rm = head.view(-1, k).std(-1), rm.view(-1, k).std(-1)
+            total = spread_head + spread_rm
+            if bool((total > 0).any()):
+                self._metrics["train"]["r2m/head_share"].append((spread_head / total)[total > 0].mean().item())
 
     # head update -------------------------------------------------------------------------------
 

@@ -1,0 +1,410 @@
+"""`r2m experiment`: does R2M curb over-optimisation here? A paired, multi-seed experiment on
+TRL's RLOO (R2MRLOOTrainer), with the paper's baselines, measured on a fixed held-out set.
+
+Every arm (a mode of R2MConfig: static, r2m, r2m-frozen, iterative-head, ...) of a seed starts
+from the same policy, the same reward model and the same head initialisation, and trains on the
+same prompts in the same order with the same sampling seed; the evaluation draws its own random
+numbers apart (r2m.experiment_eval). The presets: `demo` (the default, what scripts/demo.sh
+runs: minutes on a 2-core CPU) and `full` (the README's measured answer). Settings come from
+TRL's parser, as in `r2m train`: the experiment's own section, R2MConfig and RLOOConfig, from a
+YAML file and flags, flags last. Outputs: OUTPUT_DIR/report.{json,csv,md,png}, one folder per
+seed and arm with its TRL log history and held-out rows, and the fitted reward model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import platform
+import shlex
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .demo.tasks import GOLD_MAX  # tiny_judge's maximum too
+from .train_cli import DEVICES, UsageError, _check_yaml, _make_parser, _prescan
+
+HELP = ("A paired, multi-seed experiment: static RM vs R2M vs its ablations and the paper's Iterative "
+        "RMHead baseline on TRL's RLOO, measured on held-out prompts (gold reward, frozen-RM reward, KL, "
+        "length); a paired table, CSV, JSON, a plot and a Markdown summary. The default preset is the "
+        "demo (SmolLM2-135M-Instruct, minutes on a CPU); --preset full is the README's experiment.")
+
+PRESETS = ("demo", "full")
+DEFAULT_ARMS = "static,r2m,r2m-frozen,iterative-head"
+
+# CPU-sized settings (docs/design.md §1.1 lists the paper's). Kept by the paper: Omega 0.6,
+# alpha 0.3 (R2MConfig's defaults), two policy epochs per batch (num_iterations=2, so the head
+# update sees the refreshed policy's hidden states), RLOO, temperature 0.7. Ours: the head
+# learning rate (the paper's 1e-6 would not move the head in a few dozen steps), d, the batch,
+# the steps, the learning rate, 8 new tokens (the questions have one-word answers), the policy's last 4 layers
+# trained, the RM's backbone the policy's first 12 layers, beta = 0 with the KL measured on the
+# held-out set instead (it saves a reference forward per batch).
+COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=8, temperature=0.7,
+              learning_rate=1e-4, lr_scheduler_type="constant", beta=0.0, num_iterations=2,
+              gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1,
+              head_learning_rate=3e-3, attn_dim=64, eval_samples=2)
+PRESET_SETTINGS = {
+    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=2,
+                 arms="static,r2m,iterative-head", rm_fit_prompts=16),
+    "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2", eval_every=6,
+                 arms=DEFAULT_ARMS, rm_fit_prompts=32),
+}
+
+
+@dataclass
+class ExperimentArguments:
+    """What `r2m experiment` needs beside TRL's RLOOConfig and the R2M section."""
+
+    _argument_group_name = "r2m experiment"
+
+    preset: str = field(default="demo", metadata={
+        "help": "demo (a few minutes on a CPU) or full (the README's experiment)", "choices": list(PRESETS)})
+    arms: str = field(default=DEFAULT_ARMS, metadata={
+        "help": "comma-separated modes to compare with static (which is always run): r2m, r2m-frozen, "
+                "iterative-head, noise, bt-only, gre-only"})
+    seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each seed pairs all arms"})
+    eval_every: int = field(default=4, metadata={
+        "help": "evaluate on the held-out prompts every N optimizer steps (and at step 0 and the last); "
+                "a multiple of num_iterations"})
+    eval_samples: int = field(default=4, metadata={"help": "completions per held-out prompt"})
+    eval_seed: int = field(default=1234, metadata={"help": "the held-out sampling seed (every evaluation, every arm)"})
+    train_last_layers: int = field(default=4, metadata={
+        "help": "train only the policy's last N decoder layers (0: all of them)"})
+    rm_layers: int = field(default=12, metadata={
+        "help": "the reward model's frozen backbone: the policy model's first N layers (0: all)"})
+    rm_fit_prompts: int = field(default=32, metadata={
+        "help": "training prompts whose initial samples (num_generations each) fit the reward model"})
+    brevity_bias: float = field(default=1.0, metadata={
+        "help": "the RM labeller's bias toward short answers (tasks.biased_preference)"})
+    label_noise: float = field(default=0.3, metadata={"help": "the RM labeller's noise SD"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": list(DEVICES)})
+    tiny: bool = field(default=False, metadata={
+        "help": "a tiny random-weight model instead of SmolLM2 (a smoke run in seconds)"})
+    model_cache: str = field(default="runs/models", metadata={
+        "help": "where the de-quantized policy folder is written once and reused"})
+
+    def arm_list(self) -> list[str]:
+        from .config import MODES
+
+        arms = [a.strip() for a in self.arms.split(",") if a.strip()]
+        for arm in arms:
+            if arm not in MODES:
+                raise UsageError(f"arms: {arm!r} is not one of {', '.join(MODES)}")
+        if len(set(arms)) != len(arms):
+            raise UsageError(f"arms: {self.arms!r} names an arm twice")
+        return ["static"] + [a for a in arms if a != "static"]
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"seeds: {self.seeds!r} is not a comma-separated list of integers") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UsageError(f"seeds: {self.seeds!r} must name at least one seed, each once")
+        return seeds
+
+
+def parse(argv: list[str]):
+    """(ExperimentArguments, R2MConfig, RLOOConfig) from the preset, the YAML file and the flags."""
+    import torch
+    from trl import RLOOConfig
+
+    from .config import R2MConfig
+
+    from_yaml, picked = _prescan(argv, ("preset", "device"))
+    preset = picked["preset"] or "demo"
+    if preset not in PRESETS:
+        raise UsageError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    device = picked["device"] or "auto"
+    if device not in DEVICES:
+        raise UsageError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
+    sections = (ExperimentArguments, R2MConfig, RLOOConfig)
+    _check_yaml(from_yaml, sections)
+    defaults = dict(PRESET_SETTINGS[preset])
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        defaults.update(use_cpu=True, bf16=False)  # TRL turns bf16 on by default, which needs a GPU
+    parser = _make_parser(sections, defaults, prog="r2m experiment", description=HELP)
+    try:
+        experiment, r2m_config, args = parser.parse_args_and_config(argv)
+    except (ValueError, TypeError) as e:  # a dataclass's own check (__post_init__)
+        raise UsageError(str(e).strip().splitlines()[0]) from None
+    check(experiment, args)
+    return experiment, r2m_config, args
+
+
+def check(experiment: ExperimentArguments, args) -> None:
+    """UsageError for settings the paired design cannot run with."""
+    experiment.arm_list(), experiment.seed_list()
+    cycle = args.num_iterations * (args.steps_per_generation or 1)
+    for name in ("eval_every", "eval_samples", "rm_fit_prompts"):
+        if getattr(experiment, name) < 1:
+            raise UsageError(f"{name} must be >= 1; got {getattr(experiment, name)}")
+    if experiment.eval_every % cycle:
+        raise UsageError(f"eval_every ({experiment.eval_every}) must be a multiple of the optimizer steps per "
+                         f"generation batch ({cycle}), so that an evaluation falls between batches")
+    if args.max_steps < 1:
+        raise UsageError(f"max_steps must be >= 1 (the schedule length T); got {args.max_steps}")
+    if args.gradient_accumulation_steps != 1:
+        raise UsageError("gradient_accumulation_steps must be 1 in the experiment (one batch, one step)")
+    for name in ("train_last_layers", "rm_layers"):
+        if getattr(experiment, name) < 0:
+            raise UsageError(f"{name} must be >= 0; got {getattr(experiment, name)}")
+
+
+# set-up ------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What every arm of every seed shares: the policy's folder, the tokenizer, the RM's frozen
+    backbone and fitted score head, the frozen reference policy (for the held-out KL), the
+    training and held-out prompts, the judge, and the RTE cache (the RM is frozen, so an RTE
+    computed in one arm is valid in every other)."""
+    folder: Path
+    tokenizer: object
+    backbone: object
+    score: object
+    reference: object
+    train_prompts: list
+    eval_prompts: list
+    judge: object
+    rm_fit: dict
+    rte_cache: OrderedDict
+    initial_eval: dict | None = None  # the step-0 held-out row, the same for every arm and seed
+
+
+def _tasks(tiny: bool):
+    """(training prompts, held-out prompts, judge in TRL's form, gold(prompt, text))."""
+    from .demo import models, tasks
+
+    if tiny:
+        from .demo.tiny import TINY_PROMPTS, tiny_judge, tiny_judge_func
+
+        def gold(prompt, text):
+            return tiny_judge(models.question_of(prompt), text)
+
+        held_out = TINY_PROMPTS[::4]
+        train = [p for p in TINY_PROMPTS if p not in held_out]
+        return ([models.conversation(q, system=False) for q in train],
+                [models.conversation(q, system=False) for q in held_out], tiny_judge_func, gold)
+
+    def gold(prompt, text):
+        return tasks.gold_reward(models.question_of(prompt), text)
+
+    return ([models.conversation(q) for q in tasks.TRAIN_PROMPTS], [models.conversation(q) for q in tasks.EVAL_PROMPTS],
+            tasks.gold_reward_func, gold)
+
+
+def rm_settings(experiment: ExperimentArguments, args) -> dict:
+    """Everything the fitted reward model depends on (its cache key)."""
+    return dict(tiny=experiment.tiny, rm_layers=experiment.rm_layers, rm_fit_prompts=experiment.rm_fit_prompts,
+                brevity_bias=experiment.brevity_bias, label_noise=experiment.label_noise,
+                k=args.num_generations, max_new_tokens=args.max_completion_length, temperature=args.temperature)
+
+
+def build_setup(experiment: ExperimentArguments, args, out: Path, log) -> Setup:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from .demo import models
+
+    started = time.perf_counter()
+    folder = models.policy_folder(Path(experiment.model_cache), experiment.tiny)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    backbone = models.reward_backbone(folder, experiment.rm_layers or None)
+    reference = models.load_policy(folder, None).eval().requires_grad_(False)
+    train_prompts, eval_prompts, judge, gold = _tasks(experiment.tiny)
+    log(f"models loaded in {time.perf_counter() - started:.0f} s")
+
+    settings = rm_settings(experiment, args)
+    head_file, stats_file = out / "reward_model.safetensors", out / "reward_model.json"
+    dim = backbone.config.hidden_size
+    score = torch.nn.Linear(dim, 1)
+    if head_file.exists() and stats_file.exists() and json.loads(stats_file.read_text())["settings"] == settings:
+        score.load_state_dict(load_file(head_file))
+        fit = json.loads(stats_file.read_text())
+        log("reward model: reusing the fit in " + str(head_file))
+    else:
+        t0 = time.perf_counter()
+        fitted, stats = models.fit_reward_model(
+            reference, tokenizer, backbone, train_prompts[:experiment.rm_fit_prompts], gold, k=args.num_generations,
+            batch_prompts=args.per_device_train_batch_size // args.num_generations,
+            max_new_tokens=args.max_completion_length, temperature=args.temperature,
+            brevity_bias=experiment.brevity_bias, max_words=args.max_completion_length,
+            label_noise=experiment.label_noise, l2=1e-3, steps=300, seed=0)
+        score.load_state_dict(fitted.state_dict())
+        fit = {"settings": settings, "stats": stats, "seconds": time.perf_counter() - t0}
+        save_file({k: v.contiguous() for k, v in score.state_dict().items()}, head_file)
+        stats_file.write_text(json.dumps(fit, indent=1))
+        log(f"reward model fitted in {fit['seconds']:.0f} s on {stats['samples']} initial samples: agrees with its "
+            f"labels on {stats['agree_labels']:.0%}, with gold on {stats['agree_gold']:.0%}, with length on "
+            f"{stats['agree_length']:.0%} of within-group pairs")
+    return Setup(folder, tokenizer, backbone, score, reference, train_prompts, eval_prompts, judge, fit, OrderedDict())
+
+
+# one arm -----------------------------------------------------------------------------------------
+
+class RecordingJudge:
+    """The judge, recording the questions of every call (one call per generation batch): the
+    record shows that paired arms trained on the same prompts in the same order."""
+
+    def __init__(self, judge):
+        self.judge, self.calls = judge, []
+
+    def __call__(self, prompts, completions, **kwargs):
+        from .demo.models import question_of
+
+        self.calls.append([question_of(p) for p in prompts])
+        return self.judge(prompts=prompts, completions=completions, **kwargs)
+
+
+def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, seed: int, arm: str, out: Path,
+            progress=None) -> dict:
+    """Train one arm of one seed; returns its record (TRL's per-step log, the held-out rows, the
+    prompts it trained on, its wall time)."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from .demo.models import load_policy
+    from .experiment_eval import HeldOutEvaluation
+    from .integrations.trl import R2MRLOOTrainer
+    from .reward_model import R2MRewardModel
+
+    run_args = copy.deepcopy(args)
+    run_args.output_dir, run_args.seed = str(out), seed
+    run_r2m = dataclasses.replace(r2m_config, mode=arm)
+    set_seed(seed)  # the head's initialisation, like everything after it, follows the seed
+    policy_dim = setup.reference.config.hidden_size
+    rm = R2MRewardModel(setup.backbone, copy.deepcopy(setup.score), policy_dim, attn_dim=run_r2m.attn_dim,
+                        num_heads=run_r2m.num_heads, omega_floor=run_r2m.omega_floor)
+    rm.share_cache(setup.rte_cache)
+    policy = load_policy(setup.folder, experiment.train_last_layers or None)
+    judge = RecordingJudge(setup.judge)
+    trainer = R2MRLOOTrainer(policy, rm, args=run_args, r2m_config=run_r2m, processing_class=setup.tokenizer,
+                             train_dataset=Dataset.from_dict({"prompt": setup.train_prompts}), judge=judge)
+    trainer.remove_callback(ProgressCallback)  # TRL's bar prints every step's metrics dict; ours is one line
+    evaluation = HeldOutEvaluation(trainer, setup.eval_prompts, setup.reference, every=experiment.eval_every,
+                                   samples=experiment.eval_samples, seed=experiment.eval_seed,
+                                   judge=setup.judge, initial=setup.initial_eval)
+    trainer.add_callback(evaluation)
+    if progress is not None:
+        trainer.add_callback(progress)
+    started = time.perf_counter()
+    trainer.train()
+    setup.initial_eval = evaluation.rows[0]
+    record = {"seed": seed, "arm": arm, "seconds": time.perf_counter() - started,
+              "train": [row for row in trainer.state.log_history if "step_time" in row or "reward" in row],
+              "eval": evaluation.rows, "prompts": judge.calls}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _progress_callback(total: int):
+    """One tqdm bar over every optimizer step of every run, naming the run."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    class Progress(TrainerCallback):
+        name = ""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.set_description(self.name)
+            bar.update(1)
+
+    return bar, Progress()
+
+
+# the whole experiment --------------------------------------------------------------------------
+
+def settings_digest(experiment, r2m_config, args) -> str:
+    """A hash of every setting a run's numbers depend on: a record on disk is reused only
+    when it matches (so an interrupted experiment continues, and a changed one reruns)."""
+    keep = {k: v for k, v in dataclasses.asdict(experiment).items() if k not in ("arms", "seeds", "preset")}
+    trl_keys = ("max_steps", "per_device_train_batch_size", "num_generations", "max_completion_length",
+                "temperature", "top_k", "top_p", "learning_rate", "lr_scheduler_type", "beta", "num_iterations",
+                "steps_per_generation", "loss_type", "epsilon", "epsilon_high", "normalize_advantages")
+    keep.update({k: getattr(args, k, None) for k in trl_keys})
+    keep.update({k: v for k, v in dataclasses.asdict(r2m_config).items() if k != "mode"})
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    from . import __version__
+
+    return {"r2m": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
+    """Every arm of every seed, then the report; returns the report's summary."""
+    import torch
+
+    from . import experiment_report
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars at every arm; ours is the one bar
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arms, seeds = experiment.arm_list(), experiment.seed_list()
+    setup = build_setup(experiment, args, out, log)
+    digest = settings_digest(experiment, r2m_config, args)
+    bar, progress = _progress_callback(len(arms) * len(seeds) * args.max_steps)
+    records = []
+    try:
+        for seed in seeds:
+            for arm in arms:
+                folder = out / f"seed{seed}" / arm
+                saved = folder / "record.json"
+                if saved.exists() and json.loads(saved.read_text()).get("digest") == digest:
+                    records.append(json.loads(saved.read_text()))
+                    setup.initial_eval = records[-1]["eval"][0]
+                    bar.update(args.max_steps)
+                    continue
+                progress.name = f"seed {seed} {arm}"
+                record = run_arm(setup, experiment, r2m_config, args, seed, arm, folder, progress)
+                record["digest"] = digest
+                saved.write_text(json.dumps(record, indent=1))
+                records.append(record)
+                torch.manual_seed(0)  # nothing of one run leaks into the next (set_seed reseeds anyway)
+    finally:
+        bar.close()
+    meta = {"command": "r2m experiment " + " ".join(shlex.quote(a) for a in argv), "versions": versions(),
+            "preset": experiment.preset, "arms": arms, "seeds": seeds, "max_steps": args.max_steps,
+            "settings": {"experiment": dataclasses.asdict(experiment), "r2m": dataclasses.asdict(r2m_config),
+                         "trl": {k: getattr(args, k) for k in (
+                             "per_device_train_batch_size", "num_generations", "max_completion_length",
+                             "temperature", "learning_rate", "beta", "num_iterations", "max_steps")}},
+            "rm_fit": setup.rm_fit, "gold_max": GOLD_MAX, "seconds": time.perf_counter() - started}
+    summary = experiment_report.write_report(records, meta, out)
+    log(experiment_report.table(summary))
+    log(f"report: {out}/report.md, report.json, report.csv, report.png; total {time.perf_counter() - started:.0f} s")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    try:
+        experiment, r2m_config, args = parse(argv)
+        run_experiment(experiment, r2m_config, args, argv=argv)
+        return 0
+    except UsageError as e:
+        print(f"r2m experiment: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,189 @@
+"""The experiment's report: per arm and seed, what the held-out set measured; per arm, the
+paired difference from the static arm of the same seed (never a proxy reward compared across
+arms: each arm optimises its own); the pairing checks; a table, CSV, JSON, a Markdown summary and
+the over-optimisation picture (gold and frozen-RM reward against KL, as in Gao et al.)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .experiment_stats import area_under, paired_summary
+
+# TRL log keys averaged over the last third of a run, for the arms whose reward has a head
+TRAIN_AGREEMENT = ("r2m/agree_gold", "r2m/rm_agree_gold", "r2m/agree_length", "r2m/rm_agree_length",
+                   "r2m/head_share")
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_metrics(record: dict) -> dict:
+    """One arm of one seed, from its held-out rows and TRL's per-step log."""
+    rows = record["eval"]
+    steps = [r["step"] for r in rows]
+    metrics = {"arm": record["arm"], "seed": record["seed"], "seconds": record["seconds"],
+               "gold_auc": area_under(steps, [r["gold"] for r in rows]),
+               "gold_start": rows[0]["gold"], "gold_final": rows[-1]["gold"],
+               "rm_reward_final": rows[-1]["rm_reward"], "kl_final": rows[-1]["kl"],
+               "length_start": rows[0]["length"], "length_final": rows[-1]["length"]}
+    for key in ("agree_gold", "rm_agree_gold", "agree_length", "rm_agree_length"):
+        metrics[f"eval_{key}_final"] = rows[-1][key]
+    train = [row for row in record["train"] if "step" in row]
+    last_third = train[len(train) - max(1, len(train) // 3):]
+    for key in TRAIN_AGREEMENT:
+        name = key.split("/")[1]
+        metrics[f"train_{name}_last_third"] = _mean(row.get(key) for row in last_third)
+    metrics["train_head_share_run"] = _mean(row.get("r2m/head_share") for row in train)
+    return metrics
+
+
+def pairing_checks(records: list[dict]) -> dict:
+    """Per seed: whether every arm trained on the same prompts in the same order, and drew the
+    same held-out samples at step 0 (same policy, same evaluation seed), and evaluated at the
+    same steps."""
+    checks = {}
+    for seed in sorted({r["seed"] for r in records}):
+        arms = [r for r in records if r["seed"] == seed]
+        checks[seed] = {
+            "same_prompts": all(r["prompts"] == arms[0]["prompts"] for r in arms),
+            "same_eval_samples_at_step_0": len({r["eval"][0]["digest"] for r in arms}) == 1,
+            "same_eval_steps": len({tuple(row["step"] for row in r["eval"]) for r in arms}) == 1,
+        }
+    return checks
+
+
+def summarise(records: list[dict], meta: dict) -> dict:
+    runs = [run_metrics(r) for r in records]
+    by_key = {(m["arm"], m["seed"]): m for m in runs}
+    seeds = sorted({m["seed"] for m in runs})
+    arms = [a for a in meta["arms"] if a != "static"]
+    paired = {}
+    for arm in arms:
+        paired[arm] = {}
+        for metric in ("gold_auc", "gold_final"):
+            diffs = [by_key[arm, s][metric] - by_key["static", s][metric] for s in seeds
+                     if (arm, s) in by_key and ("static", s) in by_key]
+            paired[arm][metric] = {"per_seed": diffs, **paired_summary(diffs)} if diffs else None
+    static_start = [r for r in records if r["arm"] == "static"]
+    setup = {"rm_fit": meta.get("rm_fit", {}).get("stats"),
+             "initial_held_out": {  # the initial policy's held-out samples (step 0 of the static arms)
+                 key: _mean(r["eval"][0][key] for r in static_start)
+                 for key in ("gold", "rm_agree_gold", "rm_agree_length", "length", "rm_reward")},
+             "gold_max": meta.get("gold_max")}
+    return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "pairing": pairing_checks(records)}
+
+
+def _fmt(value, spec=".3f", signed=False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, ("+" if signed else "") + spec)
+
+
+def table(summary: dict) -> str:
+    """The printed table: every run, then the paired differences of gold AUC per arm."""
+    lines = []
+    head = f"{'arm':<15}{'seed':>5}{'gold AUC':>10}{'gold 0→T':>15}{'frozen RM T':>13}{'KL/tok T':>10}{'len 0→T':>13}"
+    lines += [head, "-" * len(head)]
+    for m in summary["runs"]:
+        lines.append(f"{m['arm']:<15}{m['seed']:>5}{m['gold_auc']:>10.3f}"
+                     f"{m['gold_start']:>8.3f}→{m['gold_final']:.3f}{m['rm_reward_final']:>13.3f}"
+                     f"{m['kl_final']:>10.4f}{m['length_start']:>7.1f}→{m['length_final']:.1f}")
+    lines.append("")
+    lines.append("paired difference of gold AUC on the held-out set (arm − static, same seed):")
+    for arm, metrics in summary["paired"].items():
+        s = metrics["gold_auc"]
+        if s is None:
+            continue
+        per_seed = ", ".join(_fmt(d, signed=True) for d in s["per_seed"])
+        lines.append(f"  {arm:<15} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
+                     f"SE {_fmt(s['se'])}, p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
+    bad = {seed: [k for k, ok in c.items() if not ok] for seed, c in summary["pairing"].items()}
+    bad = {seed: keys for seed, keys in bad.items() if keys}
+    lines.append("pairing: " + ("every arm of a seed saw the same prompts and the same held-out samples at step 0"
+                                if not bad else f"BROKEN {bad}"))
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], meta: dict, path: Path) -> None:
+    """Gold and frozen-RM reward on the held-out set against KL per token, every arm: thin
+    lines per seed, a thick line for the mean over seeds at each evaluation step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, arm in enumerate(meta["arms"]):
+        runs = [r for r in records if r["arm"] == arm]
+        color = colors[i % len(colors)]
+        for ax, key in zip(axes, ("gold", "rm_reward")):
+            for r in runs:
+                ax.plot([row["kl"] for row in r["eval"]], [row[key] for row in r["eval"]], color=color, alpha=0.3,
+                        linewidth=0.8)
+            n = min(len(r["eval"]) for r in runs)
+            kl = [_mean(r["eval"][j]["kl"] for r in runs) for j in range(n)]
+            ax.plot(kl, [_mean(r["eval"][j][key] for r in runs) for j in range(n)], color=color, linewidth=2.2,
+                    marker="o", markersize=3, label=arm)
+    for ax, title in zip(axes, ("gold reward (judge), held-out", "frozen RM's reward, held-out")):
+        ax.set_title(title)
+        ax.set_xlabel("KL(policy ‖ initial) per token, held-out")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{len(meta['seeds'])} seeds × {meta['max_steps']} steps; thin: one seed, thick: mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(summary: dict) -> str:
+    meta, setup = summary["meta"], summary["setup"]
+    v = meta["versions"]
+    fit = setup["rm_fit"] or {}
+    initial = setup["initial_held_out"]
+    lines = ["# r2m experiment", "",
+             f"Command: `{meta['command']}`", "",
+             f"Versions: r2m {v['r2m']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+             f"Python {v['python']} ({v['machine']}, {v['threads']} threads). Wall time {meta['seconds']:.0f} s.", "",
+             f"Arms {', '.join(meta['arms'])}; seeds {', '.join(map(str, meta['seeds']))}; T = {meta['max_steps']} "
+             "optimizer steps (= omega's schedule length).", "",
+             "## Set-up", "",
+             f"- Reward model on the initial policy's samples it was fitted on: agrees with its labels on "
+             f"{_fmt(fit.get('agree_labels'), '.0%')}, with gold on {_fmt(fit.get('agree_gold'), '.0%')}, with length "
+             f"on {_fmt(fit.get('agree_length'), '.0%')} of within-group pairs (below 50%: it prefers shorter).",
+             f"- On the initial policy's held-out samples: the RM agrees with gold on "
+             f"{_fmt(initial['rm_agree_gold'], '.0%')} and with length on {_fmt(initial['rm_agree_length'], '.0%')} of "
+             f"within-group pairs; gold {_fmt(initial['gold'])} (the judge's maximum is {_fmt(setup['gold_max'], '.1f')}); "
+             f"length {_fmt(initial['length'], '.1f')} tokens.", "",
+             "## Runs and paired differences", "", "```", table(summary), "```", "",
+             "## Agreement within groups (R2M arms: training batches, last third of the run)", "",
+             "| arm | seed | reward vs gold | frozen RM vs gold | reward vs length | frozen RM vs length | head share (run / last third) |",
+             "|---|---|---|---|---|---|---|"]
+    for m in summary["runs"]:
+        if m["arm"] == "static":
+            continue
+        lines.append(f"| {m['arm']} | {m['seed']} | {_fmt(m['train_agree_gold_last_third'], '.2f')} | "
+                     f"{_fmt(m['train_rm_agree_gold_last_third'], '.2f')} | {_fmt(m['train_agree_length_last_third'], '.2f')} | "
+                     f"{_fmt(m['train_rm_agree_length_last_third'], '.2f')} | {_fmt(m['train_head_share_run'], '.2f')} / "
+                     f"{_fmt(m['train_head_share_last_third'], '.2f')} |")
+    lines += ["", "Smallest detectable effect: (t_{0.975,n-1} + t_{0.8,n-1}) × SD / √n, the true mean paired "
+              "difference a two-sided paired t-test at α = 0.05 finds with power 0.8, given the observed SD.", "",
+              "![gold and frozen-RM reward against KL](report.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(records: list[dict], meta: dict, out: Path) -> dict:
+    summary = summarise(records, meta)
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary["runs"][0]))
+        writer.writeheader()
+        writer.writerows(summary["runs"])
+    plot(records, meta, out / "report.png")
+    (out / "report.md").write_text(markdown(summary))
+    return summary

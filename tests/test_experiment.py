@@ -1,0 +1,151 @@
+"""`r2m experiment` on tiny random models: the paired bookkeeping (every arm of a seed trains on
+the same prompts and draws the same held-out samples at step 0; the held-out set is fixed and
+never trained on), the evaluation leaves the training's random numbers alone, the same command
+gives the same numbers, the report's files, one-line errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from r2m.cli import main  # noqa: E402
+from r2m.experiment_eval import HeldOutEvaluation  # noqa: E402
+
+from .trl_tiny import make_trainer, metrics, save_tiny_models  # noqa: E402
+
+ARMS = ["static", "r2m", "iterative-head"]
+
+
+def command(out, cache, *extra):
+    return ["experiment", "--tiny", "--device", "cpu", "--output_dir", str(out), "--model_cache", str(cache),
+            "--arms", ",".join(ARMS), "--seeds", "0,1", "--max_steps", "4", "--eval_every", "2",
+            "--per_device_train_batch_size", "8", "--eval_samples", "2", "--rm_fit_prompts", "4", "--rm_layers", "0",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """One tiny experiment: 2 seeds x 3 arms x 4 steps, evaluated at steps 0, 2, 4."""
+    root = tmp_path_factory.mktemp("experiment")
+    assert main(command(root / "out", root / "models")) == 0
+    return root
+
+
+def records(out):
+    return {(seed, arm): json.loads((out / f"seed{seed}" / arm / "record.json").read_text())
+            for seed in (0, 1) for arm in ARMS}
+
+
+def test_arms_of_a_seed_are_paired(experiment):
+    runs = records(experiment / "out")
+    for seed in (0, 1):
+        first = runs[seed, "static"]
+        assert len(first["prompts"]) == 2  # one judge call per generation batch: 4 steps, 2 iterations each
+        for arm in ARMS:
+            run = runs[seed, arm]
+            assert run["prompts"] == first["prompts"]
+            assert [row["step"] for row in run["eval"]] == [0, 2, 4]
+            assert run["eval"][0]["digest"] == first["eval"][0]["digest"]
+            assert run["eval"][0]["gold"] == first["eval"][0]["gold"]
+    # the check is not vacuous: the seeds differ in their prompt order
+    assert runs[0, "static"]["prompts"] != runs[1, "static"]["prompts"]
+    summary = json.loads((experiment / "out" / "report.json").read_text())
+    assert all(all(c.values()) for c in summary["pairing"].values())
+
+
+def test_held_out_set_is_fixed_and_never_trained_on(experiment):
+    from r2m.demo.tiny import TINY_PROMPTS
+    from r2m.experiment import _tasks
+
+    train, held_out, _, _ = _tasks(tiny=True)
+    questions = {m["content"] for p in held_out for m in p}
+    assert questions and questions <= set(TINY_PROMPTS)
+    for run in records(experiment / "out").values():
+        trained_on = {q for call in run["prompts"] for q in call}
+        assert trained_on and not trained_on & questions
+    # the same held-out samples for every arm and seed at step 0 (same initial policy, same evaluation seed)
+    assert len({run["eval"][0]["digest"] for run in records(experiment / "out").values()}) == 1
+
+
+def test_report_files_and_table(experiment, capsys):
+    out = experiment / "out"
+    summary = json.loads((out / "report.json").read_text())
+    assert [(m["arm"], m["seed"]) for m in summary["runs"]] == [(a, s) for s in (0, 1) for a in ARMS]
+    for arm in ("r2m", "iterative-head"):
+        paired = summary["paired"][arm]["gold_auc"]
+        by = {(m["arm"], m["seed"]): m["gold_auc"] for m in summary["runs"]}
+        assert paired["per_seed"] == pytest.approx([by[arm, s] - by["static", s] for s in (0, 1)])
+        assert paired["n"] == 2
+    assert (out / "report.png").stat().st_size > 0
+    assert len((out / "report.csv").read_text().splitlines()) == 1 + 2 * len(ARMS)
+    assert "paired difference of gold AUC" in (out / "report.md").read_text()
+    # R2M's agreement metrics come from TRL's log: the head's share is logged for r2m only
+    r2m_run = next(m for m in summary["runs"] if m["arm"] == "r2m")
+    head_run = next(m for m in summary["runs"] if m["arm"] == "iterative-head")
+    assert r2m_run["train_head_share_run"] >= 0 and head_run["train_head_share_run"] != head_run["train_head_share_run"]
+
+
+def test_same_command_same_numbers(experiment, tmp_path):
+    """A second run of the same command (a fresh output folder, the models cached) reproduces
+    every number but the wall times; a rerun in the first folder reuses its records."""
+    argv = command(tmp_path / "again", experiment / "models", "--seeds", "1", "--arms", "r2m")
+    assert main(argv) == 0
+    want = records(experiment / "out")
+    for arm in ("static", "r2m"):
+        got = json.loads((tmp_path / "again" / "seed1" / arm / "record.json").read_text())
+        assert got["eval"] == want[1, arm]["eval"]
+        assert metrics(got["train"]) == metrics(want[1, arm]["train"])
+
+
+def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
+    """A trainer with the held-out evaluation logs exactly what the same trainer logs without
+    it: the evaluation's sampling does not consume the training's random stream."""
+    models = save_tiny_models(tmp_path / "models")
+    logs = []
+    for with_eval in (False, True):
+        torch.manual_seed(0)
+        trainer, _ = make_trainer(models, "rloo", tmp_path / f"out{with_eval}", max_steps=4, num_iterations=2)
+        if with_eval:
+            evaluation = HeldOutEvaluation(trainer, [[{"role": "user", "content": "3+3="}]],
+                                           copy.deepcopy(trainer.model), every=2, samples=3, seed=5)
+            trainer.add_callback(evaluation)
+        trainer.train()
+        logs.append(metrics(trainer.state.log_history))
+    assert logs[0] == logs[1]
+    assert [row["step"] for row in evaluation.rows] == [0, 2, 4]
+    assert all(row["kl"] >= 0 for row in evaluation.rows) and evaluation.rows[0]["kl"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--arms", "static,gold"], ["arms: 'gold'"]),
+    (["--arms", "r2m,r2m"], ["arms:", "twice"]),
+    (["--seeds", "0,x"], ["seeds:"]),
+    (["--eval_every", "3"], ["eval_every (3)", "multiple"]),
+    (["--preset", "huge"], ["preset: 'huge'"]),
+    (["--max_steps", "0"], ["max_steps"]),
+])
+def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
+    assert main(command(tmp_path / "out", tmp_path / "models", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("r2m experiment: error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_demo_held_out_split_and_labeller():
+    from r2m.demo import tasks
+
+    assert tasks.EVAL_PROMPTS and not set(tasks.EVAL_PROMPTS) & set(tasks.TRAIN_PROMPTS)
+    assert set(tasks.EVAL_PROMPTS) | set(tasks.TRAIN_PROMPTS) == set(tasks.PROMPTS)
+    prefer = dict(brevity_bias=1.0, max_words=8, noise=0.0)
+    assert tasks.biased_preference(0.0, 0, **prefer) == pytest.approx(1.0)
+    assert tasks.biased_preference(1.0, 2, **prefer) == pytest.approx(1.75)
+    assert tasks.biased_preference(0.0, 20, **prefer) == 0.0
+    assert tasks.biased_preference(0.5, 4, **dict(prefer, noise=0.25)) == pytest.approx(1.25)
+    # the labeller's blind spot: a one-word wrong answer beats a correct eight-word one
+    long_correct = tasks.gold_reward(tasks.EVAL_PROMPTS[0], "A ripe banana is usually yellow in color")
+    assert long_correct > 0
+    assert tasks.biased_preference(0.0, 1, **prefer) > tasks.biased_preference(long_correct, 8, **prefer)
