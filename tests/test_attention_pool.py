@@ -233,8 +233,11 @@ def test_non_contiguous_inputs(implementation):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_packed_equals_padded_with_mask(backend):
-    """Rows of right padding, left padding and holes, packed, give the padded result."""
+@pytest.mark.parametrize("backend_name", params(["torch", "cuda"]))
+def test_packed_equals_padded_with_mask(backend_name, monkeypatch):
+    """Rows of right padding, left padding and holes, packed, give the padded result (triton's
+    layouts are each held to float64 by the cases above)."""
+    backend = use(backend_name, monkeypatch)
     dtype = torch.float32 if backend == "cuda" else torch.float64  # the cuda kernels take no fp64
     tol = SLACK[dtype]
     hidden = torch.randn(6, 23, 17, dtype=dtype, device=DEVICE)
