@@ -368,10 +368,11 @@ pool_backward_kernel(const PoolProblem p, const float* grad, const float* lse, c
       block_sum<2 * ROWS>(dots, scratch, parity);
 
       const float lse_j = lse[first_slot + jj], delta_j = delta[first_slot + jj];
-      float attn[ROWS], dscore[ROWS];
+      float attn[ROWS], dscore[ROWS], dscore_dq[ROWS];
       UNROLL for (int r = 0; r < ROWS; ++r) {
         attn[r] = valid[r] ? __expf(dots[r] - lse_j) : 0.f;
         dscore[r] = attn[r] * (dots[ROWS + r] - delta_j);
+        dscore_dq[r] = dscore[r] * p.softmax_scale;  // dq's terms, scaled before the products
       }
       // Fresh addresses after the barrier, not the ones above kept alive across it. q and
       // grad are read again (from L1) for dh for the same reason: at large D the registers
@@ -381,7 +382,7 @@ pool_backward_kernel(const PoolProblem p, const float* grad, const float* lse, c
         float share[VEC];
         UNROLL for (int e = 0; e < VEC; ++e) {
           share[e] = 0.f;
-          UNROLL for (int r = 0; r < ROWS; ++r) share[e] += dscore[r] * rows[r][u].get(e);
+          UNROLL for (int r = 0; r < ROWS; ++r) share[e] += dscore_dq[r] * rows[r][u].get(e);
         }
         if (dq_in_registers) {
           UNROLL for (int e = 0; e < VEC; ++e) dq_acc[u][e] += share[e];

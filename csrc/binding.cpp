@@ -52,6 +52,7 @@ r2m::PoolProblem pool_problem(const at::Tensor& hidden, const at::Tensor& q_scal
   p.stride_hs = hidden.stride(-2);
   p.q_scaled = q_scaled.data_ptr<float>();
   p.n_split = static_cast<int>(n_split);
+  p.softmax_scale = 1.0f;  // the backward sets its own
   if (cu_seqlens.has_value()) {
     const at::Tensor& cu = cu_seqlens.value();
     check_cuda_tensor(cu, hidden, "cu_seqlens");
@@ -96,18 +97,19 @@ std::vector<at::Tensor> attention_pool_forward(const at::Tensor& hidden, const a
   return {out, lse};
 }
 
-// (dq (n_split, B, n_h, D) fp32 partial sums, unscaled; dhidden (rows, D) in hidden's dtype
-// with hidden's shape, or an empty tensor when not needed).
+// (dq (n_split, B, n_h, D) fp32 partial sums, times softmax_scale; dhidden (rows, D) in
+// hidden's dtype with hidden's shape, or an empty tensor when not needed).
 std::vector<at::Tensor> attention_pool_backward(const at::Tensor& hidden, const at::Tensor& q_scaled,
                                                 const c10::optional<at::Tensor>& mask,
                                                 const c10::optional<at::Tensor>& cu_seqlens,
                                                 const at::Tensor& grad, const at::Tensor& lse,
-                                                const at::Tensor& delta, int64_t n_split,
-                                                bool need_dhidden) {
+                                                const at::Tensor& delta, double softmax_scale,
+                                                int64_t n_split, bool need_dhidden) {
   TORCH_CHECK(hidden.is_cuda(), "backend='cuda' needs CUDA tensors, got hidden on ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   std::vector<at::Tensor> keep;
-  const r2m::PoolProblem p = pool_problem(hidden, q_scaled, mask, cu_seqlens, n_split, keep);
+  r2m::PoolProblem p = pool_problem(hidden, q_scaled, mask, cu_seqlens, n_split, keep);
+  p.softmax_scale = static_cast<float>(softmax_scale);
   for (const at::Tensor* t : {&grad, &lse, &delta}) {
     check_cuda_tensor(*t, hidden, "grad/lse/delta");
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
@@ -176,8 +178,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_split"));
   m.def("attention_pool_backward", &attention_pool_backward, "attention pool backward partials",
         py::arg("hidden"), py::arg("q_scaled"), py::arg("mask"), py::arg("cu_seqlens"),
-        py::arg("grad"), py::arg("lse"), py::arg("delta"), py::arg("n_split"),
-        py::arg("need_dhidden"));
+        py::arg("grad"), py::arg("lse"), py::arg("delta"), py::arg("softmax_scale"),
+        py::arg("n_split"), py::arg("need_dhidden"));
   m.def("grebt_loss_forward", &grebt_loss_forward, "GREBT loss per group and its gradient",
         py::arg("rewards"), py::arg("group_size"), py::arg("cu_groups"), py::arg("num_groups"),
         py::arg("max_group_size"), py::arg("alpha"), py::arg("eps"), py::arg("loss_scale"),

@@ -162,22 +162,27 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
   // Pass 2: centre. The rounded mean leaves sum c = K delta, delta ~ ulp(mean), which matters
   // when the std is not much larger than ulp(mean): recentring by c_mean = delta (in pass 3)
   // keeps c_hat, and so the gradient, orthogonal to 1, and the variance is the corrected
-  // two-pass one, (sum c^2 - (sum c)^2 / K) / K. A group of equal rewards has std 0 (or a
-  // tiny one with all c equal; either way z is uniform and g = 0 exactly).
-  SumPair centred{0.0f, 0.0f};  // (sum c, sum c^2)
+  // two-pass one, (sum u^2 - (sum u)^2 / K) / K of u = c / spread, spread = r_w - r_l >= |c|:
+  // c^2 itself overflows beyond |c| ~ 1e19. A group of equal rewards has std 0 (or a tiny
+  // one with all c equal; either way z is uniform and g = 0 exactly).
+  const float spread = ext.max - ext.min > 0.0f ? ext.max - ext.min : 1.0f;
+  const float inv_spread = 1.0f / spread;
+  SumPair centred{0.0f, 0.0f};  // (sum u, sum u^2)
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
     if (s * kWidth + rank < size) {
       c[s] -= mean;
-      centred.first += c[s];
-      centred.second += c[s] * c[s];
+      const float u = c[s] * inv_spread;
+      centred.first += u;
+      centred.second += u * u;
     }
   }
   centred = allreduce(centred);
-  const float c_mean = centred.first / count;
-  const float var = (centred.second - centred.first * c_mean) / count;
-  const bool positive = var > 0.0f;
-  const float std_dev = positive ? sqrtf(var) : 0.0f;
+  const float u_mean = centred.first / count;
+  const float c_mean = u_mean * spread;
+  const float var_unit = (centred.second - centred.first * u_mean) / count;
+  const bool positive = var_unit > 0.0f;
+  const float std_dev = positive ? spread * sqrtf(var_unit) : 0.0f;
   const float inv_d = 1.0f / (std_dev + p.eps);
   // z = c / d is non-decreasing in r (each step rounds monotonically), so max z is z_w, bit
   // for bit, without another reduction; __fmul_rn keeps z out of an FMA so that t = z - max z

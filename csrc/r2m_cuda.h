@@ -43,6 +43,7 @@ struct PoolProblem {
   const uint8_t* mask;        // (B, S) or nullptr
   int64_t stride_mb, stride_ms;
   const float* q_scaled;  // (B, n_h, D) contiguous fp32, the softmax scale already folded in
+  float softmax_scale;    // backward only: the scale folded into q_scaled, for dq
   int n_split;            // >= 1
 };
 
@@ -55,9 +56,10 @@ cudaError_t attention_pool_forward(const PoolProblem& p, float* out, float* lse,
 
 // Backward. grad (B, n_h, D) contiguous fp32 = dL/dpooled; lse (B, n_h) the combined
 // log-sum-exp; delta (B, n_h) = sum_d grad * pooled. Writes:
-//   dq (n_split, B, n_h, D) contiguous fp32: each split's sum_t ds_tj h_t, with
-//       a_tj = exp(q_scaled_j . h_t - lse_j), ds_tj = a_tj (grad_j . h_t - delta_j)
-//       (the binding sums the splits and multiplies by the softmax scale);
+//   dq (n_split, B, n_h, D) contiguous fp32: each split's sum_t (softmax_scale ds_tj) h_t, with
+//       a_tj = exp(q_scaled_j . h_t - lse_j), ds_tj = a_tj (grad_j . h_t - delta_j); the scale
+//       multiplies ds before the products, so the sums cannot overflow where dq does not
+//       (the binding sums the splits);
 //   dhidden, unless nullptr: contiguous rows (B*S or N, D) in hidden's dtype, every row written
 //       (zeros at invalid positions), dh_t = sum_j (ds_tj q_scaled_j + a_tj grad_j). Each row
 //       is owned by one block (which sums the heads), so there are no atomics.

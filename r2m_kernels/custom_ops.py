@@ -49,8 +49,10 @@ def _first_derivatives_only(op_name: str, grads: tuple, inputs: tuple) -> tuple:
 def define_attention_pool_op(name: str, forward: Callable, backward: Callable) -> Callable:
     """The custom op `r2m::{name}` (and `r2m::{name}_backward`) over a backend's host code.
 
-    forward(hidden, q, scale, mask, cu_seqlens) -> (pooled (B, n_h, D_p) in hidden.dtype,
-        lse (B, n_h) log-sum-exp of the scores in the accumulation dtype);
+    forward(hidden, q, scale, mask, cu_seqlens) -> (pooled (B, n_h, D_p) and lse (B, n_h), the
+        log-sum-exp of the scores, both in the accumulation dtype: the backward's
+        delta = grad . pooled must not see pooled rounded to a 16-bit hidden's dtype, so the
+        op returns it unrounded and the backend's wrapper casts what the user gets);
     backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden) ->
         (dq in q.dtype, dhidden in hidden's dtype and shape, or an empty tensor).
     Returns the forward op; differentiable in hidden and q.
@@ -64,8 +66,9 @@ def define_attention_pool_op(name: str, forward: Callable, backward: Callable) -
     @pool.register_fake
     def _(hidden, q, scale, mask, cu_seqlens):
         batch = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        return (hidden.new_empty((batch, q.shape[1], hidden.shape[-1])),
-                hidden.new_empty((batch, q.shape[1]), dtype=accumulation_dtype(hidden.dtype)))
+        acc = accumulation_dtype(hidden.dtype)
+        return (hidden.new_empty((batch, q.shape[1], hidden.shape[-1]), dtype=acc),
+                hidden.new_empty((batch, q.shape[1]), dtype=acc))
 
     @torch.library.custom_op(f"r2m::{name}_backward", mutates_args=())
     def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, q: torch.Tensor,

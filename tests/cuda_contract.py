@@ -90,7 +90,7 @@ class FakeExtension:
         return out, lse
 
     def attention_pool_backward(self, hidden, q_scaled, mask, cu_seqlens, grad, lse, delta,
-                                n_split, need_dhidden):
+                                softmax_scale, n_split, need_dhidden):
         self.calls.append(("attention_pool_backward", n_split))
         _check_pool_problem(hidden, q_scaled, mask, cu_seqlens, n_split)
         for t in (grad, lse, delta):
@@ -108,7 +108,7 @@ class FakeExtension:
                 # Weight 0 at invalid rows, not exp(0 - lse) (inf for lse < -88) times 0.
                 attn = torch.where(valid[lo:hi], torch.exp(q_scaled[b] @ h.T - lse[b][:, None]), 0.0)  # (n_h, L)
                 ds = attn * (grad[b] @ h.T - delta[b][:, None])
-                dq[s, b] = ds @ h
+                dq[s, b] = (ds * softmax_scale) @ h  # scaled before the products, as the kernel
                 dh_rows[index[lo:hi]] = ds.T @ q_scaled[b] + attn.T @ grad[b]
         dhidden = dh_rows.view(hidden.shape).to(hidden.dtype) if need_dhidden else hidden.new_empty(0)
         return dq, dhidden

@@ -149,15 +149,6 @@ def op_call(fn):
 
 # ------------------------------------------------------------------ attention_pool
 
-# Known defects of the compiled backends' attention-pool backward (the cuda host code shares
-# them, so the contract model shows them too); strict, so a fix turns them into failures.
-DQ_OVERFLOW = ("dq's partial sums sum_t ds_t h_t are accumulated unscaled and multiplied by the "
-               "scale on the host: beyond |h| ~ 1e19 they overflow fp32 although dq is representable")
-DELTA_FROM_POOLED = ("delta = grad . pooled uses pooled rounded to hidden's 16-bit dtype (and another "
-                     "summation than the kernel's grad . h_t): with a peaked softmax the cancellation in "
-                     "ds = a (grad . h - delta) leaves dq with errors far above fp32's")
-
-
 def pool(c, hidden=None, q=None, scale=0.5, **kw):
     """attention_pool's arguments: by default fp32 hidden (3, 5, 8) and one head q (3, 1, 8),
     leaves (rows that need heads give q; one head keeps the interpreter's grid small)."""
@@ -182,8 +173,7 @@ LEFT_PADS = (LEFT == 0)[..., None].expand(3, 5, 8)
 
 POOL_ROWS = [
     # dtypes
-    Row("bf16 hidden, fp32 q", lambda c: pool(c, c.leaf(randn(3, 5, 8, dtype=BF16))), Same(1e-2),
-        xfail={"triton": DELTA_FROM_POOLED}),
+    Row("bf16 hidden, fp32 q", lambda c: pool(c, c.leaf(randn(3, 5, 8, dtype=BF16))), Same(1e-2)),
     Row("fp16 hidden, fp16 q",
         lambda c: pool(c, c.leaf(randn(3, 5, 8, dtype=F16)), c.leaf(randn(3, 2, 8, dtype=F16))), Same(2e-3)),
     Row("fp16 hidden, bf16 q",
@@ -259,8 +249,7 @@ POOL_ROWS = [
     # magnitudes
     Row("fp32 hidden 1e18, q 1e-18",
         lambda c: pool(c, c.leaf(randn(3, 5, 8, scale=1e18)), c.leaf(randn(3, 2, 8, scale=1e-18))), Same()),
-    Row("fp32 hidden 1e30, scale 1e-30", lambda c: pool(c, c.leaf(randn(3, 5, 8, scale=1e30)), scale=1e-30), Same(),
-        xfail=dict.fromkeys(("triton", "cuda"), DQ_OVERFLOW)),
+    Row("fp32 hidden 1e30, scale 1e-30", lambda c: pool(c, c.leaf(randn(3, 5, 8, scale=1e30)), scale=1e-30), Same()),
     Row("denormal hidden", lambda c: pool(c, c.leaf(randn(3, 5, 8, scale=1e-40))), Same(atol=1e-37)),
     Row("fp16 hidden near 3e4", lambda c: pool(c, c.leaf(randn(3, 5, 8, dtype=F16, scale=1e4)), scale=1e-5),
         Same(2e-3)),
@@ -320,8 +309,6 @@ def grebt(c, rewards=None, **kw):
 
 # The kernels square the centred rewards in fp32: beyond ~1e19 the variance overflows, std =
 # inf, z = 0 and the entropy is log K (the torch backend scales by the largest first).
-OVERFLOW = "the GREBT kernel's variance overflows fp32 for rewards beyond ~1e19"
-KERNELS_OVERFLOW = {"triton": OVERFLOW, **({"cuda": OVERFLOW} if HAS_CUDA else {})}
 
 GREBT_ROWS = [
     Row("fp16 rewards near 3e4", lambda c: grebt(c, c.leaf(randn(12, dtype=F16, scale=1e4))), Same(2e-3)),
@@ -360,7 +347,7 @@ GREBT_ROWS = [
     Row("group_size a numpy int", lambda c: grebt(c, group_size=np.int64(4)), Raises(TypeError, "group_size")),
     Row("group_size a bool", lambda c: grebt(c, group_size=True), Raises(TypeError, "group_size")),
     Row("alpha an int", lambda c: grebt(c, alpha=1), Same()),
-    Row("fp32 rewards 1e30", lambda c: grebt(c, c.leaf(randn(12, scale=1e30))), Same(), xfail=KERNELS_OVERFLOW),
+    Row("fp32 rewards 1e30", lambda c: grebt(c, c.leaf(randn(12, scale=1e30))), Same()),
     Row("fp32 rewards 1e-30", lambda c: grebt(c, c.leaf(randn(12, scale=1e-30))), Same()),
     Row("eps 1e-30", lambda c: grebt(c, eps=1e-30), Same()),
     Row("eps below fp32's normal range", lambda c: grebt(c, eps=1e-40), Raises(ValueError, "eps")),
@@ -476,11 +463,18 @@ def head_call(backend, rte, hidden, method, dtype, **kw):
     return getattr(module, method)(rte, hidden, **kw)
 
 
+# ds_t = a_t (delta_t - D) with D = grad . pooled, as flash-attention's backward: D is summed in
+# another order than delta_t = grad . h_t, so with |h| ~ 1e4 and a nearly one-hot softmax (true
+# dq tiny) their rounding, ~1e-7 |grad| |h|, dominates dq (docs/design.md §2.3). The torch
+# backend's autograd takes D from the same delta_t; this row's draw happens to stay within the
+# tolerance with the triton kernel's order (other draws do not) and not with the cuda one's.
+D_FROM_POOLED = "D = grad . pooled rounds apart from delta_t = grad . h_t; dq is tiny here (docs/design.md §2.3)"
+
 HEAD_ROWS = [
     Row("fp16 rte and hidden near 1e4",
         lambda c: head(c, c.leaf(randn(3, 6, dtype=F16)), c.leaf(randn(3, 5, 8, dtype=F16, scale=1e4)),
                                                       omega=0.5), Same(2e-3),
-        xfail=dict.fromkeys(("triton", "cuda"), DELTA_FROM_POOLED)),
+        xfail={"cuda": D_FROM_POOLED}),
     Row("bf16 hidden", lambda c: head(c, hidden=c.leaf(randn(3, 5, 8, dtype=BF16)), omega=0.5), Same(2e-2)),
     Row("a head cast to fp64", lambda c: head(c, dtype=F64, omega=0.5), Same(1e-5)),
     Row("packed hidden, strided cu_seqlens",

@@ -42,8 +42,8 @@ def _forward(hidden, q, scale, mask, cu_seqlens):
     q_scaled = (q.float() * scale).contiguous()
     out, lse = module().attention_pool_forward(rows, q_scaled, mask, cu_seqlens, n_split)
     if n_split == 1:
-        return out[0].to(hidden.dtype), lse[0]
-    return splits.combine_splits(out, lse, hidden.dtype)
+        return out[0], lse[0]
+    return splits.combine_splits(out, lse, torch.float32)
 
 
 def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
@@ -55,9 +55,9 @@ def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidde
     delta = (grad * pooled.float()).sum(dim=-1).contiguous()  # D_j = dp_j . p_j
     q_scaled = (q.float() * scale).contiguous()
     dq, dhidden = module().attention_pool_backward(rows, q_scaled, mask, cu_seqlens, grad,
-                                                    lse.float().contiguous(), delta, n_split,
+                                                    lse.float().contiguous(), delta, scale, n_split,
                                                     need_dhidden)
-    return (dq.sum(dim=0) * scale).to(q.dtype), dhidden
+    return dq.sum(dim=0).to(q.dtype), dhidden
 
 
 _pool_op = define_attention_pool_op("attention_pool_cuda", _forward, _backward)
@@ -70,7 +70,7 @@ def attention_pool_cuda(hidden, q, scale, mask=None, cu_seqlens=None):
     D_p <= MAX_D_P, on a GPU; q (B, n_h, D_p) of any float dtype, n_h <= MAX_HEADS. Returns
     pooled (B, n_h, D_p) in hidden.dtype; differentiable in q and hidden.
     """
-    return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0]
+    return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0].to(hidden.dtype)
 
 
 dispatch.register("attention_pool", "cuda", attention_pool_cuda, why_not_device, why_not_inputs)

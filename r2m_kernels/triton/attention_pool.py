@@ -49,7 +49,7 @@ from ..custom_ops import define_attention_pool_op
 from ..reference import accumulation_dtype
 from . import attention_pool_many_heads as many_heads
 from . import utils
-from .utils import INTERPRET, TL_ACC, chunk, load_rows, sequence, valid_rows
+from .utils import INTERPRET, TL_ACC, chunk, join_scalar, load_rows, sequence, split_scalar, valid_rows
 
 # The per-head kernels hold a row-block of hidden whole over D_p in registers; 16384 covers
 # every current LLM width (Llama-3.1-405B). The many-head variant tiles D_p, but the variant
@@ -153,7 +153,7 @@ def _pool_fwd_kernel(
 @triton.jit
 def _pool_bwd_kernel(
     hidden, q_scaled, cu_seqlens, mask, grad, lse, delta, dq, dhidden,
-    S, D, N_HEADS, HEADS_PER_PROGRAM,
+    S, D, N_HEADS, HEADS_PER_PROGRAM, scale_hi, scale_lo,
     stride_hb, stride_hs, stride_hd,
     stride_qb, stride_qh, stride_qd,
     stride_mb, stride_ms,
@@ -161,8 +161,8 @@ def _pool_bwd_kernel(
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DH: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dq (n_split, B, n_h, D) partial sums of ds_t h_t of each split (contiguous; the caller
-    multiplies by scale); dhidden, when NEED_DH, contiguous with hidden's row layout, every
+    """dq (n_split, B, n_h, D) partial sums of scale * ds_t h_t of each split (contiguous; scale =
+    scale_hi + scale_lo); dhidden, when NEED_DH, contiguous with hidden's row layout, every
     row of the split written (zeros at invalid positions). lse and delta = grad . pooled are
     (B, n_h), contiguous; dq, lse, delta in the accumulation dtype ACC.
     A program handles heads [j0, j0 + HEADS_PER_PROGRAM) of one sequence: all of them when
@@ -172,6 +172,7 @@ def _pool_bwd_kernel(
     the register rule keeps (BLOCK_S 8 with 4 warps at some D_p; fp64 with several heads into
     dhidden), while the same tiles at other D_p did not spill; a rule that dropped them would
     drop those too, and the autotuner measures them against their neighbours."""
+    scale = join_scalar(scale_hi, scale_lo, ACC)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     head_groups = N_HEADS // HEADS_PER_PROGRAM
@@ -198,7 +199,8 @@ def _pool_bwd_kernel(
             scores = tl.sum(rows * qj[None, :], axis=1)
             attn = tl.exp(tl.where(valid, scores - lse_j, float("-inf")))
             dscores = attn * (tl.sum(rows * grad_j[None, :], axis=1) - delta_j)
-            dq_acc += tl.sum(dscores[:, None] * rows, axis=0)
+            # dq takes scale * ds: unscaled, sum_t ds_t h_t could overflow where dq does not.
+            dq_acc += tl.sum((dscores * scale)[:, None] * rows, axis=0)
             if NEED_DH:
                 # This program owns these rows: the first head writes them, later heads add.
                 dh = dscores[:, None] * qj[None, :] + attn[:, None] * grad_j[None, :]
@@ -220,7 +222,7 @@ def why_not_inputs(inputs) -> str | None:
 
 
 def _forward(hidden, q, scale, mask, cu_seqlens):
-    """(pooled (B, n_h, D_p) in hidden.dtype, lse (B, n_h) log-sum-exp of the scores in the
+    """(pooled (B, n_h, D_p) and lse (B, n_h), the log-sum-exp of the scores, both in the
     accumulation dtype)."""
     if many_heads.uses_many_heads(hidden, q.shape[1]):
         return many_heads.pool_forward(hidden, q, scale, mask, cu_seqlens)
@@ -231,7 +233,7 @@ def _forward(hidden, q, scale, mask, cu_seqlens):
     # With one split the kernel's normalised output is the result: it writes it directly.
     direct = n_split == 1
     split_dims = () if direct else (n_split,)
-    out = utils.empty(split_dims + (batch, heads, d_p), hidden.dtype if direct else acc, hidden.device)
+    out = utils.empty(split_dims + (batch, heads, d_p), acc, hidden.device)
     lse = utils.empty(split_dims + (batch, heads), acc, hidden.device)
     q_scaled = q.to(acc) * scale
     _pool_fwd_kernel[(batch * heads, n_split)](
@@ -245,7 +247,7 @@ def _forward(hidden, q, scale, mask, cu_seqlens):
     )
     if direct:
         return out, lse
-    return splits.combine_splits(out, lse, hidden.dtype)
+    return splits.combine_splits(out, lse, acc)
 
 
 def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
@@ -270,7 +272,7 @@ def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidde
         dhidden = hidden.new_empty(0)
     _pool_bwd_kernel[(programs, n_split)](
         hidden, q_scaled, lay["cu_seqlens"], lay["mask_args"][0], grad, lse.contiguous(), delta, dq,
-        dhidden, lay["seq_len"], d_p, heads, heads_per_program,
+        dhidden, lay["seq_len"], d_p, heads, heads_per_program, *split_scalar(scale),
         lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
         q_scaled.stride(0), q_scaled.stride(1), q_scaled.stride(2),
         lay["mask_args"][1], lay["mask_args"][2],
@@ -278,7 +280,7 @@ def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidde
         PACKED=lay["packed"], HAS_MASK=mask is not None, NEED_DH=need_dhidden, ACC=TL_ACC[acc],
         BLOCK_D=triton.next_power_of_2(d_p),
     )
-    return (dq.sum(dim=0) * scale).to(q.dtype), dhidden.to(hidden.dtype)
+    return dq.sum(dim=0).to(q.dtype), dhidden.to(hidden.dtype)
 
 
 _pool_op = define_attention_pool_op("attention_pool_triton", _forward, _backward)
@@ -291,7 +293,7 @@ def attention_pool_triton(hidden, q, scale, mask=None, cu_seqlens=None):
     (fp64 works, at fp64 speed), D_p <= MAX_D_P; q (B, n_h, D_p) of any float dtype. Returns pooled (B, n_h, D_p) in hidden.dtype;
     differentiable in q and hidden.
     """
-    return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0]
+    return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0].to(hidden.dtype)
 
 
 dispatch.register("attention_pool", "triton", attention_pool_triton, utils.why_not_device, why_not_inputs)

@@ -377,8 +377,8 @@ def _weighted_rows(weights, lse, hidden, lay, heads, out_dtype):
 
 
 def pool_forward(hidden, q, scale, mask, cu_seqlens):
-    """attention_pool's forward for uses_many_heads inputs: (pooled (B, n_h, D_p) in
-    hidden.dtype, lse (B, n_h) fp32)."""
+    """attention_pool's forward for uses_many_heads inputs: (pooled (B, n_h, D_p), lse (B, n_h)),
+    both fp32 (the backward's delta = grad . pooled needs pooled unrounded)."""
     lay = utils.layout(hidden, mask, cu_seqlens)
     batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
     n_split = splits.num_splits(batch, lay["typical"], hidden.device)
@@ -393,7 +393,7 @@ def pool_forward(hidden, q, scale, mask, cu_seqlens):
         PACKED=lay["packed"], HAS_MASK=lay["has_mask"], **_dot_args(hidden, heads),
     )
     lse = torch.logsumexp(lse_parts, dim=0)
-    return _weighted_rows(scores, lse, hidden, lay, heads, hidden.dtype), lse
+    return _weighted_rows(scores, lse, hidden, lay, heads, torch.float32), lse
 
 
 def pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):

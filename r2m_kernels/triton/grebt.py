@@ -98,9 +98,14 @@ def _grebt_fwd_kernel(
     # ulp(mean) that shift breaks the gradient's invariance to adding a constant (it must sum
     # to 0 over the group). Centring again removes it (the corrected two-pass variance).
     c = tl.where(valid, c - (tl.sum(c, axis=1) / count)[:, None], 0.0)
-    var = tl.sum(c * c, axis=1) / count
-    positive = var > 0.0
-    std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
+    # std = spread * sqrt(mean((c / spread)^2)), spread = r_w - r_l >= max |c|: the squares of
+    # rewards beyond sqrt(fp32 max) ~ 1e19 would overflow, and an infinite std makes z = 0.
+    spread = tl.where(group_ok, -gap, 0.0)
+    spread = tl.where(spread > 0.0, spread, 1.0)
+    unit = c / spread[:, None]
+    var_unit = tl.sum(unit * unit, axis=1) / count
+    positive = var_unit > 0.0
+    std = tl.where(positive, spread * tl.sqrt(tl.where(positive, var_unit, 1.0)), 0.0)
     d = std + eps
     z = c / d[:, None]
 
