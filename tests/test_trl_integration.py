@@ -33,13 +33,14 @@ class Recorder:
 
         def record_rewards(rte, hidden, mask, omega):
             out = rewards(rte, hidden, mask, omega)
-            self.scorings.append(dict(ids=trainer._r2m_scoring.input_ids.clone(), mask=mask.clone(),
+            self.scorings.append(dict(ids=trainer._r2m_scoring.input_ids.clone(), mask=mask.clone(), rte=rte.clone(),
                                       hidden=None if hidden is None else hidden.clone(), omega=omega, rewards=out,
                                       rm_rewards=trainer.reward_model.static_reward(rte)))
             return out
 
         def record_step(rte, hidden, mask, omega, group_size):
-            self.updates.append(dict(hidden=hidden.clone(), mask=mask.clone(), omega=omega, group_size=group_size))
+            self.updates.append(dict(hidden=None if hidden is None else hidden.clone(), mask=mask.clone(), omega=omega,
+                                     group_size=group_size))
             return step(rte, hidden, mask, omega, group_size)
 
         update.rewards, update.step = record_rewards, record_step
@@ -132,6 +133,8 @@ def test_rloo_three_steps(models, tmp_path):
     logged = check_common(trainer, rm, recorder, frozen, steps=3, updates=3)
     assert all(row["r2m/extra_forwards"] == 0.0 for row in logged)
     assert trainer.ref_model is not None and "kl" in logged[0]
+    # the head's share of the within-group reward spread: none at omega = 1, some once omega < 1
+    assert logged[0]["r2m/head_share"] == 0.0 and 0 < logged[2]["r2m/head_share"] < 1
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "r2m"])
@@ -270,3 +273,27 @@ def test_evaluation_between_iterations_keeps_the_pending_update(models, tmp_path
     assert len(evals) == 2 and all("eval_r2m/rm_reward" in row and "eval_rewards/r2m/mean" in row for row in evals)
     assert len(recorder.updates) == 1 and len(recorder.scorings) == 3  # one training batch, two evaluations
     assert recorder.updates[0]["hidden"].shape[0] == 8
+
+
+def test_iterative_head_trains_only_the_score_head(models, tmp_path):
+    """The paper's Iterative RMHead baseline: no hidden states are taken, the reward is the
+    head's score phi on the RTE alone, and the GREBT step on those rewards moves phi only."""
+    import torch.nn.functional as F
+
+    from r2m import GREBTLoss
+
+    trainer, rm, recorder, frozen = run(models, tmp_path, "grpo", mode="iterative-head", max_steps=2)
+    logged = metrics(trainer.state.log_history)
+    assert all(s["hidden"] is None for s in recorder.scorings) and all(u["hidden"] is None for u in recorder.updates)
+    assert all(row["r2m/extra_forwards"] == 0.0 and "r2m/head_share" not in row for row in logged)
+    head = rm.head.state_dict()
+    for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"):
+        assert torch.equal(head[name], recorder.head0[name]), name
+    assert not torch.equal(head["score.weight"], recorder.head0["score.weight"])
+    first, second = recorder.scorings
+    assert torch.equal(first["rewards"], first["rm_rewards"])  # phi starts as the RM's score head
+    after_one = recorder.heads[0]
+    expected = F.linear(second["rte"], after_one["score.weight"], after_one["score.bias"]).squeeze(-1)
+    torch.testing.assert_close(second["rewards"], expected)
+    want_loss = GREBTLoss(alpha=0.3)(first["rm_rewards"], group_size=4).item()
+    assert logged[0]["r2m/grebt_loss"] == pytest.approx(want_loss, rel=1e-5)

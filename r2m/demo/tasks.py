@@ -47,7 +47,7 @@ _SUMS = [(2, 3), (4, 4), (7, 5), (6, 9), (12, 8), (15, 6), (9, 9), (20, 13), (3,
 TASKS: dict[str, list[str]] = {f"{q} Answer with one word.": answers for q, answers in _ONE_WORD.items()}
 TASKS.update({f"What is {a} + {b}? Answer with just the number.": [str(a + b)] for a, b in _SUMS})
 PROMPTS: list[str] = list(TASKS)
-EVAL_PROMPTS: list[str] = PROMPTS[::8]  # held out: never a training prompt
+EVAL_PROMPTS: list[str] = PROMPTS[::4]  # held out: never a training prompt
 TRAIN_PROMPTS: list[str] = [p for p in PROMPTS if p not in EVAL_PROMPTS]
 BRIEF_WORDS = 3  # a response this short or shorter counts as following the instruction
 GOLD_MAX = 1.0  # gold_reward's maximum: a correct answer of at most BRIEF_WORDS words
