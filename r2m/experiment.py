@@ -51,7 +51,7 @@ COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_l
 PRESET_SETTINGS = {
     "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=4,
                  arms="static,r2m,iterative-head", rm_fit_prompts=16, eval_prompts=8),
-    "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2", eval_every=6,
+    "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2,3,4", eval_every=6,
                  arms=DEFAULT_ARMS, rm_fit_prompts=32, eval_prompts=0),
 }
 

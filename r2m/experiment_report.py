@@ -34,10 +34,11 @@ def run_metrics(record: dict) -> dict:
     for key in ("agree_gold", "rm_agree_gold", "agree_length", "rm_agree_length"):
         metrics[f"eval_{key}_final"] = rows[-1][key]
     train = [row for row in record["train"] if "step" in row]
-    last_third = train[len(train) - max(1, len(train) // 3):]
+    third = max(1, len(train) // 3)
     for key in TRAIN_AGREEMENT:
         name = key.split("/")[1]
-        metrics[f"train_{name}_last_third"] = _mean(row.get(key) for row in last_third)
+        metrics[f"train_{name}_first_third"] = _mean(row.get(key) for row in train[:third])
+        metrics[f"train_{name}_last_third"] = _mean(row.get(key) for row in train[len(train) - third:])
     metrics["train_head_share_run"] = _mean(row.get("r2m/head_share") for row in train)
     return metrics
 
@@ -161,13 +162,16 @@ def markdown(summary: dict) -> str:
              f"within-group pairs; gold {_fmt(initial['gold'])} (the judge's maximum is {_fmt(setup['gold_max'], '.1f')}); "
              f"length {_fmt(initial['length'], '.1f')} tokens.", "",
              "## Runs and paired differences", "", "```", table(summary), "```", "",
-             "## Agreement within groups (R2M arms: training batches, last third of the run)", "",
-             "| arm | seed | reward vs gold | frozen RM vs gold | reward vs length | frozen RM vs length | head share (run / last third) |",
+             "## Agreement within groups (arms with a head: training batches; mean of the per-step fractions "
+             "over the first and the last third of the run)", "",
+             "| arm | seed | reward vs gold (first → last third) | frozen RM vs gold | reward vs length | "
+             "frozen RM vs length | head share (run / last third) |",
              "|---|---|---|---|---|---|---|"]
     for m in summary["runs"]:
         if m["arm"] == "static":
             continue
-        lines.append(f"| {m['arm']} | {m['seed']} | {_fmt(m['train_agree_gold_last_third'], '.2f')} | "
+        lines.append(f"| {m['arm']} | {m['seed']} | {_fmt(m['train_agree_gold_first_third'], '.2f')} → "
+                     f"{_fmt(m['train_agree_gold_last_third'], '.2f')} | {_fmt(m['train_rm_agree_gold_first_third'], '.2f')} → "
                      f"{_fmt(m['train_rm_agree_gold_last_third'], '.2f')} | {_fmt(m['train_agree_length_last_third'], '.2f')} | "
                      f"{_fmt(m['train_rm_agree_length_last_third'], '.2f')} | {_fmt(m['train_head_share_run'], '.2f')} / "
                      f"{_fmt(m['train_head_share_last_third'], '.2f')} |")
