@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .demo.tasks import GOLD_MAX  # tiny_judge's maximum too
-from .train_cli import DEVICES, UsageError, _check_yaml, _make_parser, _prescan
+from .train_cli import DEVICES, UsageError, _check_yaml, _make_parser, _prescan, choice, runs_on_cpu
 
 HELP = ("A paired, multi-seed experiment: static RM vs R2M vs its ablations and the paper's Iterative "
         "RMHead baseline on TRL's RLOO, measured on held-out prompts (gold reward, frozen-RM reward, KL, "
@@ -113,24 +113,17 @@ class ExperimentArguments:
 
 def parse(argv: list[str]):
     """(ExperimentArguments, R2MConfig, RLOOConfig) from the preset, the YAML file and the flags."""
-    import torch
     from trl import RLOOConfig
 
     from .config import R2MConfig
 
     from_yaml, picked = _prescan(argv, ("preset", "device"))
-    preset = picked["preset"] or "demo"
-    if preset not in PRESETS:
-        raise UsageError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    device = picked["device"] or "auto"
-    if device not in DEVICES:
-        raise UsageError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
+    preset = choice("preset", picked["preset"], PRESETS)
+    on_cpu = runs_on_cpu(picked["device"])
     sections = (ExperimentArguments, R2MConfig, RLOOConfig)
     _check_yaml(from_yaml, sections)
     defaults = dict(PRESET_SETTINGS[preset])
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if on_cpu:
         defaults.update(use_cpu=True, bf16=False)  # TRL turns bf16 on by default, which needs a GPU
     parser = _make_parser(sections, defaults, prog="r2m experiment", description=HELP)
     try:

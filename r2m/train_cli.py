@@ -142,23 +142,34 @@ def _type_name(hint) -> str:
     return " or ".join(names)
 
 
+def choice(name: str, value: str | None, choices) -> str:
+    """`value` (the first of `choices` when not given), or a UsageError naming the field."""
+    value = value or choices[0]
+    if value not in choices:
+        raise UsageError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether the --device value (auto when not given) means the CPU; a UsageError for a bad
+    value or for cuda without a CUDA device."""
+    import torch
+
+    device = choice("device", device, DEVICES)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 def parse(argv: list[str]):
     """(TrainArguments, R2MConfig, RLOOConfig or GRPOConfig) from the YAML file and the flags."""
-    import torch
     from trl import GRPOConfig, RLOOConfig
 
     from .config import R2MConfig
 
     from_yaml, picked = _prescan(argv)
-    trainer = picked["trainer"] or "rloo"
-    if trainer not in TRAINERS:
-        raise UsageError(f"trainer: {trainer!r} is not one of {', '.join(TRAINERS)}")
-    device = picked["device"] or "auto"
-    if device not in DEVICES:
-        raise UsageError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    trainer = choice("trainer", picked["trainer"], TRAINERS)
+    on_cpu = runs_on_cpu(picked["device"])
     sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
     _check_yaml(from_yaml, sections)
     defaults = {"report_to": "none", "logging_steps": 1}
