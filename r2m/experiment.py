@@ -123,15 +123,26 @@ def parse(argv: list[str]):
     sections = (ExperimentArguments, R2MConfig, RLOOConfig)
     _check_yaml(from_yaml, sections)
     defaults = dict(PRESET_SETTINGS[preset])
+    if _asks_for_tiny(argv, from_yaml):
+        defaults.update(rm_layers=0)  # the tiny model has 2 layers: the RM takes them all
     if on_cpu:
         defaults.update(use_cpu=True, bf16=False)  # TRL turns bf16 on by default, which needs a GPU
     parser = _make_parser(sections, defaults, prog="r2m experiment", description=HELP)
-    try:
-        experiment, r2m_config, args = parser.parse_args_and_config(argv)
-    except (ValueError, TypeError) as e:  # a dataclass's own check (__post_init__)
-        raise UsageError(str(e).strip().splitlines()[0]) from None
+    experiment, r2m_config, args = parser.parse_args_and_config(argv)
     check(experiment, args)
     return experiment, r2m_config, args
+
+
+def _asks_for_tiny(argv: list[str], from_yaml: dict) -> bool:
+    """Whether --tiny (bare or with a true value) is among the flags, or tiny: true in the file."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--tiny", nargs="?", const="true")
+    flag = pre.parse_known_args(argv)[0].tiny
+    if flag is not None:
+        return flag.lower() in ("true", "yes", "1")
+    return from_yaml.get("tiny") is True
 
 
 def check(experiment: ExperimentArguments, args) -> None:
@@ -216,7 +227,10 @@ def build_setup(experiment: ExperimentArguments, args, out: Path, log) -> Setup:
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    backbone = models.reward_backbone(folder, experiment.rm_layers or None)
+    try:
+        backbone = models.reward_backbone(folder, experiment.rm_layers or None)
+    except ValueError as e:  # rm_layers beyond the model's depth
+        raise UsageError(str(e)) from None
     reference = models.load_policy(folder, None).eval().requires_grad_(False)
     train_prompts, eval_prompts, judge, gold = _tasks(experiment.tiny)
     eval_prompts = eval_prompts[:experiment.eval_prompts or None]

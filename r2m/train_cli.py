@@ -16,6 +16,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +53,23 @@ class UsageError(Exception):
 
 def _make_parser(dataclass_types, defaults: dict, prog: str = "r2m train", description: str = HELP):
     """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors raised as
-    UsageError (one line; argparse's usage dump would bury the message)."""
+    UsageError (one line; argparse's usage dump would bury the message), a dataclass's own
+    check (__post_init__) included."""
     from trl import TrlParser
 
     class OneLineErrors(TrlParser):
         def error(self, message):
             raise UsageError(message)
+
+        def parse_args_and_config(self, *args, **kwargs):
+            with warnings.catch_warnings():
+                # TRL's configs set transformers' deprecated name `gradient_checkpointing` by
+                # default: a FutureWarning at every parse that the user can do nothing about.
+                warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+                try:
+                    return super().parse_args_and_config(*args, **kwargs)
+                except (ValueError, TypeError) as e:
+                    raise UsageError(str(e).strip().splitlines()[0]) from None
 
     parser = OneLineErrors(dataclass_types, prog=prog, description=description)
     parser.set_defaults(**defaults)
@@ -175,11 +187,7 @@ def parse(argv: list[str]):
     defaults = {"report_to": "none", "logging_steps": 1}
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
-    parser = _make_parser(sections, defaults)
-    try:
-        return parser.parse_args_and_config(argv)
-    except (ValueError, TypeError) as e:  # a dataclass's own check (__post_init__)
-        raise UsageError(str(e).strip().splitlines()[0]) from None
+    return _make_parser(sections, defaults).parse_args_and_config(argv)
 
 
 def _local_or_hub(name: str, value: str) -> str:

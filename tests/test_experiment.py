@@ -127,6 +127,7 @@ def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
     (["--eval_every", "3"], ["eval_every (3)", "multiple"]),
     (["--preset", "huge"], ["preset: 'huge'"]),
     (["--max_steps", "0"], ["max_steps"]),
+    (["--rm_layers", "5"], ["rm_layers must be in [1, 2]; got 5"]),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     assert main(command(tmp_path / "out", tmp_path / "models", *extra)) == 2
@@ -134,6 +135,16 @@ def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     assert len(err.splitlines()) == 1 and err.startswith("r2m experiment: error: "), err
     for needle in needles:
         assert needle in err, err
+
+
+@pytest.mark.parametrize("argv, rm_layers", [
+    ([], 12), (["--tiny"], 0), (["--tiny", "true"], 0), (["--tiny", "false"], 12), (["--tiny", "--rm_layers", "1"], 1),
+])
+def test_tiny_takes_the_whole_tiny_model_as_the_rm(argv, rm_layers):
+    from r2m.experiment import parse
+
+    experiment = parse([*argv, "--device", "cpu"])[0]
+    assert experiment.rm_layers == rm_layers
 
 
 def test_demo_held_out_split_and_labeller():
