@@ -136,10 +136,10 @@ def _grebt_fwd_kernel(
         tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _num_warps(tile: int, acc: torch.dtype) -> int:
-    """Warps for a tile of `tile` rewards: 4 per thread (8 spill in fp32 with the gradient), up to 1024 threads."""
-    per_thread = 4
-    return max(1, min(32, tile // (32 * per_thread)))
+def _num_warps(tile: int) -> int:
+    """Warps for a tile of `tile` rewards: 4 per thread (8 spilled in fp32 with the gradient),
+    up to 1024 threads."""
+    return max(1, min(32, tile // (32 * 4)))
 
 
 def _grebt_forward(rewards, group_size, cu_groups, max_group, alpha, eps, reduction, write_grad):
@@ -166,7 +166,7 @@ def _grebt_forward(rewards, group_size, cu_groups, max_group, alpha, eps, reduct
         *split_scalar(alpha), *split_scalar(eps), *split_scalar(loss_scale),
         RAGGED=cu_groups is not None, WRITE_GRAD=write_grad,
         BLOCK_G=block_g, BLOCK_K=block_k, ACC=TL_ACC[acc],
-        num_warps=_num_warps(block_g * block_k, acc),
+        num_warps=_num_warps(block_g * block_k),
     )
     return (per_group if reduction == "none" else per_group.sum()), grad
 
