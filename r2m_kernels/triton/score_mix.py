@@ -105,6 +105,31 @@ def _score_mix_fwd_kernel(
 
 
 @triton.jit
+def _batch_pass(
+    grad_ptr, x_ptr, stride_x, d_x_ptr, width, cols, col_ok, coef, scale, batch,
+    NEED_X_G: tl.constexpr, NEED_D_X: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """The backward's one pass over the batch for the columns `cols` of an input x (B, width)
+    that enters the reward as scale * x . coef: returns x[:, cols]^T g (zeros unless NEED_X_G)
+    and, with NEED_D_X, writes d x[:, cols] = scale g coef[cols] (d x contiguous)."""
+    x_g = tl.zeros([BLOCK_C], dtype=ACC)
+    for b0 in range(0, batch, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < batch
+        tile_ok = b_ok[:, None] & col_ok[None, :]
+        g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
+        if NEED_X_G:
+            x = tl.load(x_ptr + b[:, None].to(tl.int64) * stride_x + cols[None, :],
+                        mask=tile_ok, other=0.0).to(ACC)
+            x_g += tl.sum(x * g[:, None], axis=0)
+        if NEED_D_X:
+            tl.store(d_x_ptr + b[:, None].to(tl.int64) * width + cols[None, :],
+                     (scale * g[:, None] * coef[None, :]).to(d_x_ptr.dtype.element_ty), mask=tile_ok)
+    return x_g
+
+
+@triton.jit
 def _bwd_attended_chunk(
     chunk, grad_ptr, attended_ptr, out_weight_ptr, score_weight_ptr, u_ptr,
     d_attended_ptr, d_out_weight_ptr, d_weight_partial_ptr,
@@ -117,21 +142,10 @@ def _bwd_attended_chunk(
     cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < attn_dim
     u = tl.load(u_ptr + cols, mask=col_ok, other=0.0)
-    v = tl.zeros([BLOCK_D], dtype=ACC)
-    for b0 in range(0, batch, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = b < batch
-        tile_ok = b_ok[:, None] & col_ok[None, :]
-        g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
-        if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
-            c = tl.load(attended_ptr + b[:, None].to(tl.int64) * stride_attended + cols[None, :],
-                        mask=tile_ok, other=0.0).to(ACC)
-            v += tl.sum(c * g[:, None], axis=0)
-        if NEED_D_ATTENDED:
-            d_c = (1.0 - omega) * g[:, None] * u[None, :]
-            tl.store(d_attended_ptr + b[:, None].to(tl.int64) * attn_dim + cols[None, :],
-                     d_c.to(d_attended_ptr.dtype.element_ty), mask=tile_ok)
-    v = (1.0 - omega) * v  # d loss / d u[chunk]
+    c_g = _batch_pass(grad_ptr, attended_ptr, stride_attended, d_attended_ptr, attn_dim, cols, col_ok, u,
+                      1.0 - omega, batch, NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT, NEED_D_ATTENDED,
+                      BLOCK_B, BLOCK_D, ACC)
+    v = (1.0 - omega) * c_g  # d loss / d u[chunk]
     if NEED_D_OUT_WEIGHT or NEED_D_SCORE_WEIGHT:
         for r0 in range(0, rm_dim, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
@@ -160,19 +174,8 @@ def _bwd_rte_chunk(
     cols = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < rm_dim
     w = tl.load(score_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    rte_g = tl.zeros([BLOCK_R], dtype=ACC)
-    for b0 in range(0, batch, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = b < batch
-        tile_ok = b_ok[:, None] & col_ok[None, :]
-        g = tl.load(grad_ptr + b, mask=b_ok, other=0.0).to(ACC)
-        if NEED_D_SCORE_WEIGHT:
-            x = tl.load(rte_ptr + b[:, None].to(tl.int64) * stride_rte + cols[None, :],
-                        mask=tile_ok, other=0.0).to(ACC)
-            rte_g += tl.sum(x * g[:, None], axis=0)
-        if NEED_D_RTE:
-            tl.store(d_rte_ptr + b[:, None].to(tl.int64) * rm_dim + cols[None, :],
-                     (omega * g[:, None] * w[None, :]).to(d_rte_ptr.dtype.element_ty), mask=tile_ok)
+    rte_g = _batch_pass(grad_ptr, rte_ptr, stride_rte, d_rte_ptr, rm_dim, cols, col_ok, w, omega, batch,
+                        NEED_D_SCORE_WEIGHT, NEED_D_RTE, BLOCK_B, BLOCK_R, ACC)
     if NEED_D_SCORE_WEIGHT:
         tl.store(d_weight_partial_ptr + num_d_chunks * rm_dim + cols, omega * rte_g, mask=col_ok)
 
