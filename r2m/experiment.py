@@ -117,13 +117,13 @@ def parse(argv: list[str]):
 
     from .config import R2MConfig
 
-    from_yaml, picked = _prescan(argv, ("preset", "device"))
+    from_yaml, picked = _prescan(argv, ("preset", "device"), switches=("tiny",))
     preset = choice("preset", picked["preset"], PRESETS)
     on_cpu = runs_on_cpu(picked["device"])
     sections = (ExperimentArguments, R2MConfig, RLOOConfig)
     _check_yaml(from_yaml, sections)
     defaults = dict(PRESET_SETTINGS[preset])
-    if _asks_for_tiny(argv, from_yaml):
+    if str(picked["tiny"]).lower() in ("true", "yes", "1"):
         defaults.update(rm_layers=0)  # the tiny model has 2 layers: the RM takes them all
     if on_cpu:
         defaults.update(use_cpu=True, bf16=False)  # TRL turns bf16 on by default, which needs a GPU
@@ -131,18 +131,6 @@ def parse(argv: list[str]):
     experiment, r2m_config, args = parser.parse_args_and_config(argv)
     check(experiment, args)
     return experiment, r2m_config, args
-
-
-def _asks_for_tiny(argv: list[str], from_yaml: dict) -> bool:
-    """Whether --tiny (bare or with a true value) is among the flags, or tiny: true in the file."""
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--tiny", nargs="?", const="true")
-    flag = pre.parse_known_args(argv)[0].tiny
-    if flag is not None:
-        return flag.lower() in ("true", "yes", "1")
-    return from_yaml.get("tiny") is True
 
 
 def check(experiment: ExperimentArguments, args) -> None:

@@ -76,13 +76,15 @@ def _make_parser(dataclass_types, defaults: dict, prog: str = "r2m train", descr
     return parser
 
 
-def _prescan(argv: list[str], names=("trainer", "device", "policy")) -> tuple[dict, dict]:
-    """(the YAML file's mapping, the settings that pick defaults: `names`), read before the
-    full parse; flags win over the file."""
+def _prescan(argv: list[str], names=("trainer", "device", "policy"), switches=()) -> tuple[dict, dict]:
+    """(the YAML file's mapping, the settings that pick defaults: `names`, and `switches`, boolean
+    flags that may stand bare, as "true"), read before the full parse; flags win over the file."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     for name in names:
         pre.add_argument(f"--{name}")
+    for name in switches:
+        pre.add_argument(f"--{name}", nargs="?", const="true")
     known, _ = pre.parse_known_args(argv)
     from_yaml = {}
     if known.config is not None:
@@ -100,7 +102,7 @@ def _prescan(argv: list[str], names=("trainer", "device", "policy")) -> tuple[di
             raise UsageError(f"--config: {known.config} must hold a mapping of settings, "
                              f"not {type(from_yaml).__name__}")
     picked = {name: getattr(known, name) if getattr(known, name) is not None else from_yaml.get(name)
-              for name in names}
+              for name in (*names, *switches)}
     return from_yaml, picked
 
 
