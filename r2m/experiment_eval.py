@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from .capture import HiddenStateCapture, policy_backbone
-from .experiment_stats import pairwise_agreement
+from .metrics import pairwise_agreement
 
 
 def completion_log_probs(model, input_ids, attention_mask, prompt_width: int, temperature: float):

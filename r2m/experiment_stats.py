@@ -1,5 +1,5 @@
-"""The experiment's statistics, as small pure functions: within-group pairwise agreement, the
-paired differences between arms, and the smallest effect a design of n seeds can detect.
+"""The experiment's statistics, as small pure functions: the paired differences between arms,
+and the smallest effect a design of n seeds can detect.
 
 The t quantiles are computed here (the t density integrated by Simpson's rule, inverted by
 bisection) rather than taken from scipy, which is not a dependency of r2m: the experiment
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
 
 
 def t_cdf(x: float, df: int) -> float:
@@ -75,26 +73,6 @@ def paired_summary(differences: Sequence[float], alpha: float = 0.05, power: flo
         p_value = 0.0 if mean != 0 else 1.0
     mde = (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se
     return dict(n=n, mean=mean, sd=sd, se=se, p_value=p_value, mde=mde, alpha=alpha, power=power)
-
-
-def pairwise_agreement(scores: torch.Tensor, truth: torch.Tensor, group_size: int) -> tuple[float, int]:
-    """Within each contiguous group of `group_size`, over the pairs whose `truth` differs: the
-    fraction that `scores` orders the same way (a tie in `scores` counts one half). Returns
-    (fraction, number of pairs); the fraction is NaN when no pair has distinct truth.
-    scores, truth: (B,) with B a multiple of group_size."""
-    if scores.shape != truth.shape or scores.dim() != 1 or scores.numel() % group_size:
-        raise ValueError(f"scores and truth must be 1-D of the same length, a multiple of {group_size}; "
-                         f"got {tuple(scores.shape)} and {tuple(truth.shape)}")
-    s = scores.detach().double().view(-1, group_size)
-    t = truth.detach().double().view(-1, group_size)
-    ds = s[:, :, None] - s[:, None, :]
-    dt = t[:, :, None] - t[:, None, :]
-    counted = dt > 0  # each unordered pair once, from its better side
-    pairs = int(counted.sum())
-    if pairs == 0:
-        return float("nan"), 0
-    agree = (ds > 0).double() + 0.5 * (ds == 0).double()
-    return float(agree[counted].sum()) / pairs, pairs
 
 
 def area_under(steps: Sequence[float], values: Sequence[float]) -> float:

@@ -11,7 +11,7 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-from tests import backends  # noqa: E402  (imports the kernels: after TRITON_INTERPRET)
+from tests.support import backends  # noqa: E402  (imports the kernels: after TRITON_INTERPRET)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,7 +37,7 @@ def _seed():
 
 @pytest.fixture(params=backends.params(backends.ALL))
 def backend(request, monkeypatch):
-    """Each backend of the ops in turn, ready to run on tests.backends.DEVICE."""
+    """Each backend of the ops in turn, ready to run on tests.support.backends.DEVICE."""
     return backends.use(request.param, monkeypatch)
 
 

@@ -184,7 +184,7 @@ def fit_reward_model(policy, tokenizer, backbone, prompts: list, gold, *, k: int
         score.weight.copy_(linear.weight / std)
         score.bias.copy_(linear.bias - (linear.weight / std) @ mean)
         reward = score(rte).squeeze(-1)
-    from ..experiment_stats import pairwise_agreement
+    from ..metrics import pairwise_agreement
 
     stats = {"samples": len(prefs), "pairs": len(pairs),
              "agree_labels": pairwise_agreement(reward, prefs, k)[0],

@@ -37,7 +37,7 @@ from trl.trainer.utils import pad
 
 from ..capture import HiddenStateCapture, policy_backbone
 from ..config import R2MConfig
-from ..experiment_stats import pairwise_agreement
+from ..metrics import pairwise_agreement
 from ..head_update import HeadUpdate, broadcast_parameters
 from ..reward_model import R2MRewardModel
 from ..schedule import omega as omega_schedule

@@ -4,7 +4,7 @@ them; an explicit backend that cannot run raises BackendUnavailableError naming 
 why_unavailable / available_backends answer per op and device type.
 
 Without a GPU the GPU's preference order is exercised on CPU tensors: the cuda backend runs
-through the contract model (tests/backends.py) and AUTO_ORDER's CPU entry is replaced by the
+through the contract model (tests/support/backends.py) and AUTO_ORDER's CPU entry is replaced by the
 order under test, so the backend auto picks actually runs the inputs."""
 
 import pytest

@@ -1,5 +1,5 @@
 """score_mix (docs/design.md §1.2: the reward from the attended vector without forming H_fin):
-every backend (torch, triton, cuda: tests/backends.py; cuda runs the torch implementation)
+every backend (torch, triton, cuda: tests/support/backends.py; cuda runs the torch implementation)
 against the paper's formula in float64, forward and the gradient of every input."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from r2m_kernels import score_mix
 from r2m_kernels.triton import score_mix as triton_score_mix
 
-from .backends import DEVICE, check_second_derivative, params
+from tests.support.backends import DEVICE, check_second_derivative, params
 
 NAMES = ("attended", "rte", "out_weight", "score_weight", "score_bias")
 

@@ -15,7 +15,7 @@ import torch
 
 import r2m_kernels
 
-from .backends import DEVICE
+from tests.support.backends import DEVICE
 
 SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 

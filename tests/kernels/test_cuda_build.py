@@ -14,7 +14,7 @@ import torch
 
 from r2m_kernels.cuda import build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
 CU_FILES = sorted((ROOT / "csrc").glob("*.cu"))
 

@@ -1,6 +1,6 @@
 """grebt_loss (docs/design.md §1.3): the torch backend (the reference) against the float64 loop
-of tests/loops.py and finite differences, then every backend (torch, triton, cuda:
-tests/backends.py) against the float64 reference on uniform, ragged, degenerate, tied, large
+of tests/support/loops.py and finite differences, then every backend (torch, triton, cuda:
+tests/support/backends.py) against the float64 reference on uniform, ragged, degenerate, tied, large
 and strided groups, under the error rule of §5."""
 
 import pytest
@@ -11,8 +11,8 @@ from r2m_kernels import BackendUnavailableError, grebt_loss
 from r2m_kernels.cuda import grebt as cuda_grebt
 from r2m_kernels.triton import grebt as triton_grebt
 
-from .backends import DEVICE, check_second_derivative, params, use
-from .loops import grebt_loop
+from tests.support.backends import DEVICE, check_second_derivative, params, use
+from tests.support.loops import grebt_loop
 
 REDUCTIONS = ("mean", "sum", "none")
 

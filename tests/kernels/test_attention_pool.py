@@ -1,5 +1,5 @@
 """attention_pool (docs/design.md §2): the torch backend (the reference) against the float64
-loop of tests/loops.py, then every backend (torch, triton, cuda: tests/backends.py) against
+loop of tests/support/loops.py, then every backend (torch, triton, cuda: tests/support/backends.py) against
 the float64 reference under the error rule of §5, on the layouts, sizes, variants and splits
 the kernels distinguish. The gpu tests repeat the comparison at realistic sizes.
 
@@ -22,10 +22,10 @@ from r2m_kernels.triton import attention_pool as triton_pool
 from r2m_kernels.triton import attention_pool_many_heads as many_heads
 from r2m_kernels.triton import utils as triton_utils
 
-from .backends import DEVICE, check_second_derivative, params, use
-from .inputs import MASK_KINDS, make_mask, pack
-from .loops import attention_pool_loop
-from .pool_checks import (GPU_DTYPES, HIDDEN_GRADS, SLACK, assert_within_rule,
+from tests.support.backends import DEVICE, check_second_derivative, params, use
+from tests.support.inputs import MASK_KINDS, make_mask, pack
+from tests.support.loops import attention_pool_loop
+from tests.support.pool_checks import (GPU_DTYPES, HIDDEN_GRADS, SLACK, assert_within_rule,
                           check_against_reference, make_inputs, pool_and_grads,
                           run_with_references)
 

@@ -13,7 +13,7 @@ from r2m import R2MConfig  # noqa: E402
 from r2m.config import MODES  # noqa: E402
 from r2m.reward_model import noise_like  # noqa: E402
 
-from .trl_tiny import make_trainer, metrics, save_tiny_models, snapshot  # noqa: E402
+from tests.support.trl_tiny import make_trainer, metrics, save_tiny_models, snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):
     from r2m import R2MRewardModel
     from r2m.integrations.trl import R2MGRPOTrainer
 
-    from .trl_tiny import trl_config
+    from tests.support.trl_tiny import trl_config
 
     rm = R2MRewardModel.from_sequence_classifier(
         AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), 40, attn_dim=8)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from r2m.experiment_stats import area_under, pairwise_agreement, paired_summary, t_cdf, t_quantile
+from r2m.experiment_stats import area_under, paired_summary, t_cdf, t_quantile
+from r2m.metrics import pairwise_agreement
 
 
 def t2_cdf(t):

@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 
 from r2m.cli import main  # noqa: E402
 
-from .trl_tiny import metrics, save_tiny_models  # noqa: E402
+from tests.support.trl_tiny import metrics, save_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Where CUDA is present the three backends run on the GPU (the cuda backend through the real
 extension r2m_kernels._cuda). Without it: torch; triton in Triton's interpreter (the
-`interpreter` mark); and cuda through tests/cuda_contract.py, a plain-PyTorch model of the
+`interpreter` mark); and cuda through tests/support/cuda_contract.py, a plain-PyTorch model of the
 launchers standing in for the extension, so the backend's host code, splits and autograd run
 for real on CPU tensors (docs/design.md §5).
 """
@@ -18,7 +18,7 @@ from r2m_kernels import dispatch
 from r2m_kernels.cuda import attention_pool as cuda_pool
 from r2m_kernels.cuda import grebt as cuda_grebt
 
-from .cuda_contract import FakeExtension
+from tests.support.cuda_contract import FakeExtension
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for the GPU (sm_90 and sm_80), ahead of time and without one,
 under each supported Triton: the oldest (the GPU machine's) and the installed newest
-(docs/design.md §5, §9). tests/triton_compile.py does the work in a subprocess, since it needs
+(docs/design.md §5, §9). tests/support/triton_compile.py does the work in a subprocess, since it needs
 TRITON_INTERPRET off and this session has it on without a GPU."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLDEST_PYTHON = os.environ.get("R2M_OLDEST_TRITON_PYTHON")
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def oldest_supported_triton() -> str:
 
 def run_compile_check(python: str, report: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    done = subprocess.run([python, "-m", "tests.triton_compile", "--report", str(report)], cwd=ROOT,
+    done = subprocess.run([python, "-m", "tests.support.triton_compile", "--report", str(report)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1800)
     # The summary (registers and spills per kernel) shows with pytest -s or on failure.
     print(done.stdout)

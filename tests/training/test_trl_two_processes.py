@@ -15,9 +15,9 @@ pytest.importorskip("trl")
 
 from r2m import GREBTLoss, R2MHead  # noqa: E402
 
-from .trl_tiny import POLICY_DIM, RM_DIM, save_tiny_models  # noqa: E402
+from tests.support.trl_tiny import POLICY_DIM, RM_DIM, save_tiny_models  # noqa: E402
 
-SCRIPT = Path(__file__).with_name("trl_two_ranks.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "trl_two_ranks.py"
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 from r2m.cli import main  # noqa: E402
 from r2m.experiment_eval import HeldOutEvaluation  # noqa: E402
 
-from .trl_tiny import make_trainer, metrics, save_tiny_models  # noqa: E402
+from tests.support.trl_tiny import make_trainer, metrics, save_tiny_models  # noqa: E402
 
 ARMS = ["static", "r2m", "iterative-head"]
 

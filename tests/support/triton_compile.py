@@ -16,9 +16,9 @@ r2m_kernels/triton that no case launched; and, on sm_90, on a kept config that s
 memory, unless the kernel's docstring has a paragraph starting "Spills:" saying why such
 configs stay and up to how many bytes ("up to N bytes"): more than that fails.
 
-    TRITON_INTERPRET=0 python -m tests.triton_compile [--arch 90 --arch 80] [--report FILE]
+    TRITON_INTERPRET=0 python -m tests.support.triton_compile [--arch 90 --arch 80] [--report FILE]
 
-tests/test_triton_compile.py runs it under every supported Triton (3.6 and the newest).
+tests/kernels/test_triton_compile.py runs it under every supported Triton (3.6 and the newest).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("tests.triton_compile compiles for the GPU: run it with TRITON_INTERPRET unset or 0")
+    sys.exit("tests.support.triton_compile compiles for the GPU: run it with TRITON_INTERPRET unset or 0")
 os.environ["TRITON_INTERPRET"] = "0"
 # A fresh Triton cache, so that every specialisation really compiles and ptxas reports on it.
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="r2m-triton-compile-"))

@@ -10,7 +10,7 @@ outcome it expects:
 - Shape(shape): a result of that shape (meta tensors have no values to compare).
 
 `refused` maps a backend to a word of the BackendUnavailableError it raises instead. The op
-tables run on every backend (tests/backends.py); R2MHead's on eager, torch and cuda.
+tables run on every backend (tests/support/backends.py); R2MHead's on eager, torch and cuda.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import r2m_kernels
 from r2m import GREBTLoss, R2MHead, omega
 from r2m_kernels import BackendUnavailableError, attention_pool, finite_checks, grebt_loss, score_mix
 
-from .backends import DEVICE, HAS_CUDA, params, use
+from tests.support.backends import DEVICE, HAS_CUDA, params, use
 
 # Rows feed NaN, inf and overflows on purpose: the interpreter's numpy warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:(overflow|invalid value|divide by zero|All-NaN):RuntimeWarning")

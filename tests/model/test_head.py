@@ -7,10 +7,10 @@ import torch.nn as nn
 
 import r2m_kernels
 from r2m import R2MHead, omega
-from tests.backends import DEVICE
-from tests.inputs import MASK_KINDS, make_mask, pack
-from tests.loops import r2m_head_loop
-from tests.pool_checks import make_inputs
+from tests.support.backends import DEVICE
+from tests.support.inputs import MASK_KINDS, make_mask, pack
+from tests.support.loops import r2m_head_loop
+from tests.support.pool_checks import make_inputs
 
 FOLDED = [b for b in ("torch", "triton", "cuda") if b in r2m_kernels.available_backends("attention_pool", "cpu")]
 

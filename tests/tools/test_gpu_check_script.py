@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ["build", "pytest-gpu", "bench-pool", "bench-head", "bench-grebt", "bench-update",
           "kernel-cases", "memcheck", "racecheck", "sass", "pool-variants"]

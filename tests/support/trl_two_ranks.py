@@ -1,9 +1,9 @@
-"""One rank of the two-process test (tests/test_trl_two_processes.py), launched by torchrun on
+"""One rank of the two-process test (tests/training/test_trl_two_processes.py), launched by torchrun on
 the CPU (gloo): 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
 second group straddles the ranks. Each rank saves, per head update, its inputs, the head before
 the step and the all-reduced gradients, and its final head, to OUT/rank{r}.pt.
 
-usage: torchrun --nproc_per_node 2 tests/trl_two_ranks.py MODELS OUT
+usage: torchrun --nproc_per_node 2 tests/support/trl_two_ranks.py MODELS OUT
 """
 
 import sys
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.trl_tiny import make_trainer, snapshot  # noqa: E402
+from tests.support.trl_tiny import make_trainer, snapshot  # noqa: E402
 
 
 def main(models: Path, out: Path) -> None:
