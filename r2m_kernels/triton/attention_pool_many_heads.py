@@ -65,10 +65,14 @@ bf16: the per-head variant streams hidden from HBM once (3.2 TB/s) and n_h times
 (roughly 7 TB/s), and spends ~2 CUDA-core FMAs per element per head (~34 T FMA/s), so it
 keeps up with HBM only to n_h ~ 2-4 forward and, with dhidden, reads HBM n_h times; this
 variant costs 2 passes either way. benchmarks/pool_variants.py measures the crossover
-(benchmarks/RESULTS.md). Tests set the module attribute to exercise both variants at any n_h.
+(benchmarks/RESULTS.md). `forced_variant` makes every call in its scope take one variant, so
+tests and the benchmark can run both at any n_h without touching the threshold.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import triton
@@ -105,9 +109,33 @@ _WEIGHTED = {16: ((32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3)),
              32: ((32, 8, 3),)}
 
 
+# The two variants of the triton attention pool: one program per (sequence, head) with CUDA-core
+# dots (attention_pool.py), and this file's tensor-core dots over all heads.
+VARIANTS = ("per-head", "many-heads")
+_forced = contextvars.ContextVar("r2m_forced_pool_variant", default=None)
+
+
+@contextlib.contextmanager
+def forced_variant(variant: str):
+    """Within this scope the triton attention pool takes `variant` (one of VARIANTS) at every
+    n_h, instead of choosing by MANY_HEADS_MIN; "many-heads" still needs a DOT_DTYPES hidden."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    token = _forced.set(variant)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def uses_many_heads(hidden: torch.Tensor, heads: int) -> bool:
     """Whether attention_pool's triton ops take this variant for hidden and n_h = heads."""
-    return heads >= MANY_HEADS_MIN and hidden.dtype in DOT_DTYPES
+    if hidden.dtype not in DOT_DTYPES:
+        return False
+    forced = _forced.get()
+    if forced is not None:
+        return forced == "many-heads"
+    return heads >= MANY_HEADS_MIN
 
 
 def _configs(table, names):

@@ -65,9 +65,12 @@ def many_heads_calls(monkeypatch):
     return calls
 
 
-def use_variant(monkeypatch, variant):
-    """Make triton's attention_pool take `variant` ("many-heads" or "per-head") at every n_h."""
-    monkeypatch.setattr(many_heads, "MANY_HEADS_MIN", 1 if variant == "many-heads" else 10**9)
+def use_variant(request, variant):
+    """Make triton's attention_pool take `variant` ("many-heads" or "per-head") at every n_h
+    until the test ends."""
+    scope = many_heads.forced_variant(variant)
+    scope.__enter__()
+    request.addfinalizer(lambda: scope.__exit__(None, None, None))
 
 
 # The implementations: the backends, with triton's two variants apart.
@@ -79,7 +82,7 @@ IMPLEMENTATIONS = [*params(["torch"]), *(pytest.param(("triton", v), marks=p.mar
 def _prepare(request, monkeypatch):
     name, variant = request.param if isinstance(request.param, tuple) else (request.param, None)
     if variant:
-        use_variant(monkeypatch, variant)
+        use_variant(request, variant)
     return use(name, monkeypatch)
 
 
@@ -175,8 +178,8 @@ CASES = [
                          ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}-h{c[4]}-{c[5]}" for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_matches_float64_reference(kind, batch, seq_len, d_p, heads, variant, split, dtype, backend,
-                                   splits_used, many_heads_calls, monkeypatch):
-    use_variant(monkeypatch, variant)
+                                   splits_used, many_heads_calls, request):
+    use_variant(request, variant)
     check_against_reference(backend, kind, batch, seq_len, d_p, heads, dtype, dtype, hidden_grad=True,
                             nan_pads=True)
     if backend == "triton":
@@ -356,9 +359,9 @@ def test_reference_gradcheck():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind,batch,seq_len,d_p,heads", [("holes", 1, 37, 40, 16), ("packed", 2, 70, 24, 5)])
-def test_triton_per_head_variant_at_many_heads(kind, batch, seq_len, d_p, heads, monkeypatch):
+def test_triton_per_head_variant_at_many_heads(kind, batch, seq_len, d_p, heads, request):
     """The per-head kernels stay correct above the threshold (dhidden summed over heads)."""
-    use_variant(monkeypatch, "per-head")
+    use_variant(request, "per-head")
     check_against_reference("triton", kind, batch, seq_len, d_p, heads, torch.float32, torch.float32,
                             hidden_grad=True, nan_pads=True)
 
@@ -447,8 +450,8 @@ GPU_HEAD_CASES = [
 @HIDDEN_GRADS
 @pytest.mark.parametrize("variant", ["many-heads", "per-head"])
 def test_gpu_many_heads_match_float64_reference(kind, batch, seq_len, d_p, heads, dtype,
-                                                hidden_grad, variant, monkeypatch):
-    use_variant(monkeypatch, variant)
+                                                hidden_grad, variant, request):
+    use_variant(request, variant)
     check_against_reference("triton", kind, batch, seq_len, d_p, heads, dtype, torch.float32, hidden_grad,
                             nan_pads=True)
 
