@@ -2,7 +2,8 @@
 `r2m_kernels._cuda`, built from csrc/ only where torch has CUDA and nvcc exists.
 
 R2M_SKIP_CUDA_BUILD=1 skips the extension; R2M_CUDA_ARCHS (e.g. "8.0;9.0") picks the
-architectures. Without the extension the package installs as pure Python and says so once.
+architectures; R2M_CUDA_DEBUG=1 keeps host debug info. Objects go to build/cuda/ in the source
+tree, so rebuilding the same tree is incremental. Without the extension the package installs as pure Python and says so once.
 Sources and flags: r2m_kernels/cuda/build.py (the JIT fallback uses the same).
 """
 
@@ -49,7 +50,14 @@ def cuda_extension_kwargs():
         include_dirs=[BUILD["csrc_dir"](ROOT)],
         extra_compile_args={"cxx": BUILD["CXX_FLAGS"], "nvcc": BUILD["NVCC_FLAGS"]},
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildInTree(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, BUILD["BUILD_TEMP"])
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildInTree}}
 
 
 setup(**cuda_extension_kwargs())

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .head import R2MHead
+from .messages import message_text
 
 
 def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,13 +46,6 @@ def noise_like(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     valid = hidden[attention_mask.bool()].float()
     noise = torch.randn(hidden.shape, device=hidden.device) * valid.std(0) + valid.mean(0)
     return noise.to(hidden.dtype)
-
-
-def _message_text(message) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 class R2MRewardModel(nn.Module):
@@ -132,7 +126,7 @@ class R2MRewardModel(nn.Module):
             texts = [tok.apply_chat_template(self._conversation(p, r), tokenize=False) for p, r in zip(prompts, responses)]
             special = False  # the template already has them
         else:
-            texts = ["".join(_message_text(m) for m in self._conversation(p, r)) for p, r in zip(prompts, responses)]
+            texts = ["".join(message_text(m) for m in self._conversation(p, r)) for p, r in zip(prompts, responses)]
             special = True
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token

@@ -23,8 +23,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TOOLS="$ROOT/scripts/gpu_check_tools.py"
-CASES="$ROOT/scripts/gpu_kernel_cases.py"
+TOOLS=(-m tests.support.gpu_check)   # "$PYTHON" "${TOOLS[@]}" SUBCOMMAND ...
+CASES=(-m tests.support.kernel_cases)
 
 # name | weight | minimum seconds | what it checks
 STAGE_TABLE='
@@ -48,7 +48,7 @@ while IFS='|' read -r name weight minimum what; do
 done <<<"$STAGE_TABLE"
 
 # Sizes per bench op. grebt's cost does not depend on n_h, so heads would repeat paper-8b:
-# it runs at the GREBT issue's large case instead.
+# it runs at its large case (16k groups) instead.
 declare -A BENCH_SIZES=([pool]="paper-8b heads" [head]="paper-8b heads" [grebt]="paper-8b groups-16k"
                         [update]="paper-8b heads")
 PYTEST_SELECTION=(-m gpu tests -p no:cacheprovider --continue-on-collection-errors)
@@ -157,7 +157,7 @@ stage_pytest_gpu() {
     ${extra[@]+"${extra[@]}"} || rc=$?
   (( DRY_RUN || rc != 0 )) && return "$rc"
   # All skipped (torch saw no GPU) is no pass.
-  "$PYTHON" "$TOOLS" pytest-counts --xml "$WORK/pytest-gpu.xml" --log "$WORK/pytest-gpu.log" --require-passed
+  "$PYTHON" "${TOOLS[@]}" pytest-counts --xml "$WORK/pytest-gpu.xml" --log "$WORK/pytest-gpu.log" --require-passed
 }
 
 bench_args() {  # BENCH_ARGS: the arguments of `r2m bench` for op $1 (the dry run checks them too)
@@ -174,11 +174,11 @@ stage_bench_grebt() { bench grebt; }
 stage_bench_update() { bench update; }
 
 stage_kernel_cases() {
-  limited "$PYTHON" "$CASES" --report "$WORK/kernel-cases.md"
+  limited "$PYTHON" "${CASES[@]}" --report "$WORK/kernel-cases.md"
 }
 
 find_sanitizer() {
-  SANITIZER=$("$PYTHON" "$TOOLS" which compute-sanitizer 2>/dev/null) && return 0
+  SANITIZER=$("$PYTHON" "${TOOLS[@]}" which compute-sanitizer 2>/dev/null) && return 0
   (( DRY_RUN )) && SANITIZER=compute-sanitizer && return 0
   NOTE="compute-sanitizer not found"
   echo "$NOTE"
@@ -190,7 +190,7 @@ stage_memcheck() {
   # Without the caching allocator each tensor is its own allocation, so memcheck sees an
   # access past any tensor's end. API errors are torch's own probing, not the kernels'.
   limited env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --report-api-errors no \
-    --error-exitcode 3 "$PYTHON" "$CASES" --report "$WORK/memcheck-cases.md"
+    --error-exitcode 3 "$PYTHON" "${CASES[@]}" --report "$WORK/memcheck-cases.md"
 }
 
 stage_racecheck() {
@@ -198,27 +198,20 @@ stage_racecheck() {
   local race=0 sync=0 deadline=$STAGE_DEADLINE
   STAGE_DEADLINE=$(( SECONDS + (deadline - SECONDS) / 2 ))  # racecheck: the first half
   limited "$SANITIZER" --tool racecheck --racecheck-report all --report-api-errors no --error-exitcode 3 \
-    "$PYTHON" "$CASES" --backends cuda --report "$WORK/racecheck-cases.md" || race=$?
+    "$PYTHON" "${CASES[@]}" --backends cuda --report "$WORK/racecheck-cases.md" || race=$?
   STAGE_DEADLINE=$deadline
   limited "$SANITIZER" --tool synccheck --report-api-errors no --error-exitcode 3 \
-    "$PYTHON" "$CASES" --backends cuda --report "$WORK/synccheck-cases.md" || sync=$?
+    "$PYTHON" "${CASES[@]}" --backends cuda --report "$WORK/synccheck-cases.md" || sync=$?
   return $(( race != 0 ? race : sync ))
 }
 
-stage_sass() {
-  local cuobjdump extension
-  cuobjdump=$("$PYTHON" "$TOOLS" which cuobjdump 2>/dev/null) || cuobjdump=""
-  extension=$(compgen -G "$ROOT/r2m_kernels/_cuda*.so" | head -n 1 || true)
-  if [[ -z "$extension" ]] && (( ! DRY_RUN )); then  # built somewhere else: ask Python where
-    extension=$("$PYTHON" -c 'import r2m_kernels._cuda as m; print(m.__file__)' 2>/dev/null) || extension=""
-  fi
-  if (( DRY_RUN )); then
-    cuobjdump=${cuobjdump:-cuobjdump} extension=${extension:-$ROOT/r2m_kernels/_cuda.so}
-  fi
-  [[ -n "$cuobjdump" ]] || { NOTE="cuobjdump not found"; echo "$NOTE"; return 2; }
-  [[ -n "$extension" ]] || { NOTE="no built extension r2m_kernels._cuda"; echo "$NOTE"; return 2; }
-  limited "$PYTHON" "$TOOLS" sass --cuobjdump "$cuobjdump" --extension "$extension" \
-    --triton-cache "$TRITON_CACHE_DIR" --report "$WORK/sass.md" --listing "$WORK/sass-cuda.txt"
+stage_sass() {  # tests/kernels/test_sass.py: cuobjdump on the built extension and the Triton cache
+  local rc=0
+  limited env R2M_SASS_REPORT="$WORK/sass.md" "$PYTHON" -m pytest tests/kernels/test_sass.py -m gpu \
+    -p no:cacheprovider -v -s --junitxml="$WORK/sass.xml" || rc=$?
+  (( DRY_RUN || rc != 0 )) && return "$rc"
+  # Skipped (torch saw no GPU) is no pass.
+  "$PYTHON" "${TOOLS[@]}" pytest-counts --xml "$WORK/sass.xml" --log "$WORK/sass.log" --require-passed
 }
 
 stage_pool_variants() {
@@ -228,7 +221,7 @@ stage_pool_variants() {
 # ---- bookkeeping ------------------------------------------------------------------------------
 
 publish() {
-  "$PYTHON" "$TOOLS" publish --work "$WORK" --out "$OUT_DIR" "$@" ||
+  "$PYTHON" "${TOOLS[@]}" publish --work "$WORK" --out "$OUT_DIR" "$@" ||
     echo "gpu_check: could not write $OUT_DIR/summary.md" >&2
 }
 
@@ -278,9 +271,9 @@ if torch.cuda.is_available():
     print(f"device\t{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, sm {p.major}.{p.minor}")
 EOF
     local tool
-    tool=$("$PYTHON" "$TOOLS" which nvcc 2>/dev/null) &&
+    tool=$("$PYTHON" "${TOOLS[@]}" which nvcc 2>/dev/null) &&
       printf 'nvcc\t%s\n' "$(timeout 20 "$tool" --version 2>/dev/null | grep -i release)"
-    tool=$("$PYTHON" "$TOOLS" which compute-sanitizer 2>/dev/null) &&
+    tool=$("$PYTHON" "${TOOLS[@]}" which compute-sanitizer 2>/dev/null) &&
       printf 'compute-sanitizer\t%s\n' "$(timeout 20 "$tool" --version 2>/dev/null | grep -i version | head -n 1)"
     printf 'cpus\t%s\n' "$(nproc)"
   } >"$info"
@@ -341,7 +334,7 @@ dry_run() {
       [[ " ${STAGES[*]} " == *" bench-$op "* ]] && bench_args "$op" && args+=(--bench "${BENCH_ARGS[*]}")
     done
     local preflight
-    preflight=$("$PYTHON" "$TOOLS" preflight ${args[@]+"${args[@]}"} --script benchmarks/pool_variants.py \
+    preflight=$("$PYTHON" "${TOOLS[@]}" preflight ${args[@]+"${args[@]}"} --script benchmarks/pool_variants.py \
       --cases-args "--report x.md" --cases-args "--backends cuda --report x.md" 2>&1) || failed=1
     echo "$preflight" | sed 's/^/  /'
   else
@@ -371,7 +364,7 @@ dry_run() {
   echo "on the GPU machine only (not needed here):"
   for name in nvidia-smi nvcc compute-sanitizer cuobjdump; do
     local path
-    path=$("$PYTHON" "$TOOLS" which "$name" 2>/dev/null) && echo "  found   $name: $path" ||
+    path=$("$PYTHON" "${TOOLS[@]}" which "$name" 2>/dev/null) && echo "  found   $name: $path" ||
       echo "  missing $name"
   done
   rm -rf "$WORK"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the environment with the oldest Triton r2m supports (the lower bound of
 # `triton` in pyproject.toml; the GPU machine's version), for the ahead-of-time compile check
-# (tests/test_triton_compile.py), and print its python. torch is the CPU build on this disk;
+# (tests/kernels/test_triton_compile.py), and print its python. torch is the CPU build on this disk;
 # numpy < 2.4 because triton 3.6's interpreter breaks on numpy 2.4. r2m itself is not
 # installed there: the check runs from the repository root.
 set -euo pipefail

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..messages import turn_text
 from ..reward_model import R2MRewardModel
 from . import tasks
 
@@ -71,7 +72,7 @@ def conversation(question: str, system: bool = True) -> list[dict]:
 
 def question_of(prompt) -> str:
     """The user's question in a text or conversational prompt."""
-    return prompt if isinstance(prompt, str) else [m for m in prompt if m["role"] == "user"][-1]["content"]
+    return turn_text(prompt, "user")
 
 
 def load_policy(folder: Path, train_last_layers: int | None):

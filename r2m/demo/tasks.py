@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from ..messages import turn_text
+
 _ONE_WORD = {
     "What color is a ripe banana?": ["yellow"],
     "What color is grass?": ["green"],
@@ -67,22 +69,9 @@ def gold_reward(prompt: str, response: str) -> float:
     return min(1.0, BRIEF_WORDS / len(found))
 
 
-def _text(message_or_text) -> str:
-    """The text of a TRL prompt or completion: a string, or the last message of a list."""
-    if isinstance(message_or_text, str):
-        return message_or_text
-    return message_or_text[-1]["content"]
-
-
-def _question(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return [m for m in prompt if m["role"] == "user"][-1]["content"]
-
-
 def gold_reward_func(prompts, completions, **kwargs) -> list[float]:
     """gold_reward in TRL's reward-function form: the demo's judge (logged, never optimised)."""
-    return [gold_reward(_question(p), _text(c)) for p, c in zip(prompts, completions)]
+    return [gold_reward(turn_text(p, "user"), turn_text(c)) for p, c in zip(prompts, completions)]
 
 
 def words_count(response: str) -> int:

@@ -7,6 +7,8 @@ import string
 
 import torch.nn as nn
 
+from ..messages import turn_text
+
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<a>{% endif %}")
 
@@ -65,7 +67,4 @@ def tiny_judge(prompt: str, response: str) -> float:
 
 def tiny_judge_func(prompts, completions, **kwargs) -> list[float]:
     """tiny_judge in TRL's reward-function form (text or conversational prompts)."""
-    def text(x, role):
-        return x if isinstance(x, str) else [m for m in x if m["role"] == role][-1]["content"]
-
-    return [tiny_judge(text(p, "user"), text(c, "assistant")) for p, c in zip(prompts, completions)]
+    return [tiny_judge(turn_text(p, "user"), turn_text(c, "assistant")) for p, c in zip(prompts, completions)]

@@ -7,8 +7,14 @@ import os
 
 # Architectures when R2M_CUDA_ARCHS is not set: Ampere (A100) and Hopper (H100/H200).
 DEFAULT_ARCHS = "8.0;9.0"
-CXX_FLAGS = ["-O3"]
+# -g0 after Python's own -g: debug info for binding.cpp (torch's headers) took 46 s of its 79 s
+# compile and made the .so 18 MB; R2M_CUDA_DEBUG=1 keeps it. -lineinfo (source lines in the SASS,
+# for compute-sanitizer and ncu) costs little.
+CXX_FLAGS = ["-O3"] + ([] if os.environ.get("R2M_CUDA_DEBUG", "0") not in ("", "0") else ["-g0"])
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+# Object files live here (inside the working tree, git-ignored) rather than in pip's temporary
+# build folder, so that a second build of the same tree recompiles only what changed (ninja).
+BUILD_TEMP = os.path.join("build", "cuda")
 
 
 def csrc_dir(repo_root: str) -> str:

@@ -1,20 +1,17 @@
-"""scripts/gpu_check.sh and its helpers, on the CPU: the dry run passes and lists every stage,
-the real run's bookkeeping writes a summary for a failing stage, the kernel cases are sound
-(run with the torch backend standing in), and the checks that decide pass/fail can fail."""
+"""scripts/gpu_check.sh and tests.support.gpu_check, on the CPU: the dry run passes and lists
+every stage, the real run's bookkeeping writes a summary for a failing stage, and the checks
+that decide pass/fail can fail. (The kernel cases are checked in tests/kernels/test_kernel_cases.py,
+the SASS parse in tests/kernels/test_sass.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -22,16 +19,7 @@ STAGES = ["build", "pytest-gpu", "bench-pool", "bench-head", "bench-grebt", "ben
           "kernel-cases", "memcheck", "racecheck", "sass", "pool-variants"]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tools = _load("gpu_check_tools")
-cases = _load("gpu_kernel_cases")
+from tests.support import gpu_check as tools
 
 
 def _run(*args, timeout=120):
@@ -48,7 +36,8 @@ def test_dry_run_passes_and_lists_every_stage(tmp_path):
     assert sum(int(limit) for _, limit in listed) <= 540
     for command in ("pip install --no-index --no-deps --no-build-isolation", "pytest -m gpu tests",
                     "bench --device cuda --ops pool --sizes paper-8b heads", "--tool memcheck",
-                    "--tool racecheck", "--tool synccheck", "gpu_check_tools.py sass"):
+                    "--tool racecheck", "--tool synccheck", "pytest tests/kernels/test_sass.py -m gpu",
+                    "-m tests.support.kernel_cases --backends cuda"):
         assert command in done.stdout, command
     assert "FAIL" not in done.stdout
     assert list((tmp_path / "out").iterdir()) == []  # a dry run writes nothing there
@@ -75,73 +64,6 @@ def test_a_failing_stage_is_recorded_and_summarised(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.md"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {"logs/sass.log", "logs/stages.tsv", "logs/info.tsv"} <= set(tar.getnames())
-
-
-def test_kernel_cases_cover_every_kernel_and_run_on_the_cpu_with_torch():
-    names = [c.name for c in cases.all_cases()]
-    assert len(names) == len(set(names))
-    for fragment in ("triton-pool-bf16-mask-direct-D203-h1-dq", "triton-pool-bf16-packed-split-D203-h16-dq+dh",
-                     "triton-grebt-fp32-ragged", "triton-score_mix", "cuda-pool-bf16-mask-split-D12291-h1-dq+dh",
-                     "cuda-pool-bf16-packed-direct-D4096-h1-dq", "cuda-grebt-fp32-uniform"):
-        assert any(n.startswith(fragment) for n in names), fragment
-    # The small cases of every op and layout (the wide cuda ones only repeat their construction).
-    for pattern in ("*pool*-D203-*", "*pool*-D256-*", "*grebt*", "*score_mix*"):
-        assert cases.main(["--device", "cpu", "--substitute-backend", "torch", "--match", pattern]) == 0, pattern
-
-
-def test_case_comparison_fails_on_wrong_or_missing_values():
-    want = torch.randn(3, 5, dtype=torch.float64)
-    assert cases.check_outputs({"x": (want.float(), want)}, 1e-6)[0]
-    wrong = want.clone()
-    wrong[1, 2] += 1.0
-    assert not cases.check_outputs({"x": (wrong, want)}, 1e-2)[0]
-    poisoned = want.clone()
-    poisoned[0, 0] = float("nan")
-    assert not cases.check_outputs({"x": (poisoned, want)}, 1e-2)[0]
-    assert not cases.check_outputs({"x": (want[:2], want)}, 1e-2)[0]
-
-
-SASS_PROBE = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-template <typename T, int VEC>
-__global__ void pool_forward_kernel(const float4* in, float* out, int k) {
-  if (VEC > 1) {  // one 16-byte load
-    float4 v = in[threadIdx.x];
-    out[threadIdx.x] = v.x + v.y + v.z + v.w;
-  } else {  // a register array written and read at run-time indices: local memory
-    float a[256];
-    for (int i = 0; i < 256; ++i) a[(i * k) & 255] = out[i];
-    out[threadIdx.x] = a[k & 255];
-  }
-}
-// A 16-byte instantiation that loads 4 bytes at a time.
-template <typename T, int VEC>
-__global__ void pool_backward_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
-template __global__ void pool_forward_kernel<__nv_bfloat16, 8>(const float4*, float*, int);
-template __global__ void pool_forward_kernel<__nv_bfloat16, 1>(const float4*, float*, int);
-template __global__ void pool_forward_kernel<float, 4>(const float4*, float*, int);
-template __global__ void pool_backward_kernel<__half, 8>(const float*, float*);
-"""
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None or tools.find_cuda_tool("cuobjdump") is None,
-                    reason="needs nvcc and cuobjdump")
-def test_sass_check_finds_128_bit_loads_and_local_memory(tmp_path):
-    source = tmp_path / "probe.cu"
-    source.write_text(SASS_PROBE)
-    subprocess.run(["nvcc", "-cubin", "-gencode", "arch=compute_90,code=sm_90", "-O3", "-o",
-                    str(tmp_path / "probe.cubin"), str(source)], check=True, capture_output=True, timeout=120)
-    text = subprocess.run([tools.find_cuda_tool("cuobjdump"), "-sass", str(tmp_path / "probe.cubin")],
-                          check=True, capture_output=True, text=True).stdout
-    rows, failures = tools.check_extension_sass(tools.parse_sass(text))
-    counts = {name: (ldg128, local) for name, ldg128, _, local, _ in rows}
-    assert counts["pool_forward_kernel<bf16, 8>"] == (1, 0)
-    assert counts["pool_forward_kernel<fp32, 4>"] == (1, 0)
-    scalar_ldg128, scalar_local = counts["pool_forward_kernel<bf16, 1>"]
-    assert scalar_ldg128 == 0 and scalar_local > 0
-    assert failures == ["pool_backward_kernel<fp16, 8>: no 128-bit loads on the 16-byte path",
-                        f"pool_forward_kernel<bf16, 1>: {scalar_local} local-memory instructions"]
 
 
 def _junit(path, passed, failed, collection_error):

@@ -5,11 +5,11 @@ that nothing compiles under instrumentation), then under compute-sanitizer: memc
 case, racecheck and synccheck on the cuda ones. A kernel that computes garbage fails here as
 well as under the sanitizer.
 
-    python scripts/gpu_kernel_cases.py                        # every case, on the GPU
-    python scripts/gpu_kernel_cases.py --backends cuda        # the cuda kernels only
-    python scripts/gpu_kernel_cases.py --match '*packed*'     # a subset (fnmatch on the name)
-    python scripts/gpu_kernel_cases.py --list                 # the cases, nothing run
-    python scripts/gpu_kernel_cases.py --device cpu --substitute-backend torch
+    python -m tests.support.kernel_cases                        # every case, on the GPU
+    python -m tests.support.kernel_cases --backends cuda        # the cuda kernels only
+    python -m tests.support.kernel_cases --match '*packed*'     # a subset (fnmatch on the name)
+    python -m tests.support.kernel_cases --list                 # the cases, nothing run
+    python -m tests.support.kernel_cases --device cpu --substitute-backend torch
                                       # the cases themselves checked on the CPU (inputs,
                                       # gradients, comparisons), the torch backend standing in
 
@@ -40,10 +40,7 @@ from typing import Callable
 
 import torch
 
-# Run from anywhere: the repository being checked comes first on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from r2m_kernels import attention_pool, grebt_loss, score_mix  # noqa: E402
+from r2m_kernels import attention_pool, grebt_loss, score_mix
 
 KERNEL_BACKENDS = ("triton", "cuda")
 
@@ -243,32 +240,24 @@ def all_cases() -> list[Case]:
     return cases
 
 
-# ---- internals, for the report only ------------------------------------------------------------
-# The variant and split count a pool case's forward takes, read from r2m_kernels internals
-# (attention_pool_many_heads.uses_many_heads, splits.num_splits). Optional: if they move, the
-# report says "?" and nothing else changes.
+# ---- the path a pool case's forward takes, for the report ------------------------------------
+# Read from two r2m_kernels internals (attention_pool_many_heads.uses_many_heads,
+# splits.num_splits): no public API says which variant and split count a call takes. If they
+# move, this fails loudly rather than reporting a guess.
 
 def _internal_pool_path(case_backend: str, hidden_dtype, heads: int, batch: int, seq_len: int,
                         device: torch.device) -> str:
-    import importlib
-
-    def lookup(module, name):
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            return None
+    from r2m_kernels.splits import num_splits
 
     variant, programs = "", batch * heads
     if case_backend == "triton":
-        uses_many_heads = lookup("r2m_kernels.triton.attention_pool_many_heads", "uses_many_heads")
-        if uses_many_heads is None:
-            variant = "? "
-        elif uses_many_heads(torch.empty(0, dtype=hidden_dtype), heads):
+        from r2m_kernels.triton.attention_pool_many_heads import uses_many_heads
+
+        if uses_many_heads(torch.empty(0, dtype=hidden_dtype), heads):
             variant, programs = "many-head ", batch  # one program per sequence for all heads
         else:
             variant = "per-head "
-    num_splits = lookup("r2m_kernels.splits", "num_splits")
-    return f"{variant}n_split {'?' if num_splits is None else num_splits(programs, seq_len, device)}"
+    return f"{variant}n_split {num_splits(programs, seq_len, device)}"
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -308,11 +297,11 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases")
         return 0 if cases else 1
     if not cases:
-        print(f"gpu_kernel_cases: no case matches {args.match!r} for {args.backends}", file=sys.stderr)
+        print(f"kernel_cases: no case matches {args.match!r} for {args.backends}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_kernel_cases: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        print("kernel_cases: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 1
     # Under compute-sanitizer the caching allocator is off (each tensor its own allocation).
     poison = device.type == "cuda" and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") in ("", "0")

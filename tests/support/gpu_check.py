@@ -1,13 +1,13 @@
 """The Python side of scripts/gpu_check.sh: finding CUDA tools, the dry run's Python checks,
-the SASS check, and publishing (summary.md, the merged benchmark files, logs.tar.gz).
+pytest outcome counts, and publishing (summary.md, the merged benchmark files, logs.tar.gz).
 
 Only the standard library at import time, so that the summary is written even where torch
 or the package is broken; `preflight` imports the project on purpose.
 
-    python scripts/gpu_check_tools.py which cuobjdump
-    python scripts/gpu_check_tools.py preflight --bench "--ops pool --sizes paper-8b" --cases-args "--backends cuda"
-    python scripts/gpu_check_tools.py sass --cuobjdump PATH --extension SO --triton-cache DIR --report sass.md
-    python scripts/gpu_check_tools.py publish --work WORK --out OUT [--final]
+    python -m tests.support.gpu_check which cuobjdump
+    python -m tests.support.gpu_check preflight --bench "--ops pool --sizes paper-8b" --cases-args "--backends cuda"
+    python -m tests.support.gpu_check pytest-counts --xml X.xml --log X.log [--require-passed]
+    python -m tests.support.gpu_check publish --work WORK --out OUT [--final]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -29,7 +28,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # What the device tool returns from $OUT: at most 8 files, 16 MiB each.
 MAX_FILES = 8
@@ -121,142 +120,16 @@ def cmd_preflight(args) -> int:
             report(False, f"{script}: {type(exc).__name__}: {exc}")
 
     try:
-        driver = _load_script(ROOT / "scripts" / "gpu_kernel_cases.py")
+        driver = importlib.import_module("tests.support.kernel_cases")
         for text in args.cases_args:
             parsed = driver._parse_args(shlex.split(text))
             cases = driver.selected_cases(parsed.backends, parsed.match)
             per_backend = Counter(c.backend for c in cases)
-            report(bool(cases), f"gpu_kernel_cases.py {text}: {len(cases)} cases ("
+            report(bool(cases), f"kernel_cases {text}: {len(cases)} cases ("
                    + ", ".join(f"{b} {n}" for b, n in per_backend.items()) + ")")
     except (Exception, SystemExit) as exc:
-        report(False, f"scripts/gpu_kernel_cases.py: {type(exc).__name__}: {exc}")
+        report(False, f"tests.support.kernel_cases: {type(exc).__name__}: {exc}")
     return 1 if failures else 0
-
-
-# ---- SASS -----------------------------------------------------------------------------------------
-
-_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
-# "/*0070*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" -> "LDG.E.128"
-_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
-# The cuda pool kernels: template <typename T, int VEC, ...>; VEC > 1 is the 16-byte path.
-_POOL_KERNEL = re.compile(r"(pool_(?:forward|backward)_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E")
-# "...19pool_forward_kernelI13__nv_bfloat16Li8ELi1ELi8EE...": a length-prefixed name, then the
-# template arguments (a type, then integers and bools).
-_TEMPLATE = re.compile(r"(\w+_kernel)I(f|d|6__half|13__nv_bfloat16)((?:L[ib]\d+E)*)")
-_TYPE_NAMES = {"f": "fp32", "d": "fp64", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
-
-
-def parse_sass(text: str) -> dict[str, list[str]]:
-    """cuobjdump -sass output -> {function: [opcode with modifiers, ...]}."""
-    functions: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        match = _FUNCTION.match(line)
-        if match:
-            current = functions.setdefault(match.group(1), [])
-            continue
-        match = _INSTRUCTION.match(line)
-        if match and current is not None:
-            current.append(match.group(1))
-    return functions
-
-
-def load_counts(opcodes: list[str]) -> dict[str, int]:
-    base = [op.split(".")[0] for op in opcodes]
-    return {
-        "ldg128": sum(1 for op in opcodes if op.startswith("LDG.") and ".128" in op),
-        "ldg": base.count("LDG"),
-        "local": base.count("LDL") + base.count("STL"),
-    }
-
-
-def readable_name(mangled: str) -> str:
-    """`pool_forward_kernel<bf16, 8, 1, 8>` for a mangled template kernel; others unchanged."""
-    match = _TEMPLATE.search(mangled)
-    if not match:
-        return mangled
-    prefixed = match.group(1)  # e.g. "...cu_9362dd5f19pool_forward_kernel": find the length prefix
-    name = next((prefixed[m.end():] for m in re.finditer(r"\d+", prefixed)
-                 if int(m.group()) == len(prefixed) - m.end()), prefixed)
-    values = re.findall(r"L[ib](\d+)E", match.group(3))
-    return f"{name}<{', '.join([_TYPE_NAMES[match.group(2)], *values])}>"
-
-
-def check_extension_sass(functions: dict[str, list[str]]) -> tuple[list[tuple], list[str]]:
-    """Rows (name, ldg128, other ldg, local, verdict) and the failures: every 16-byte (VEC > 1)
-    instantiation of the pool kernels must load with 128-bit LDGs; no function may use local
-    memory (LDL/STL)."""
-    rows, failures = [], []
-    for mangled, opcodes in sorted(functions.items(), key=lambda kv: readable_name(kv[0])):
-        counts = load_counts(opcodes)
-        name = readable_name(mangled)
-        problems = []
-        pool = _POOL_KERNEL.search(mangled)
-        if pool and int(pool.group(3)) > 1 and counts["ldg128"] == 0:
-            problems.append("no 128-bit loads on the 16-byte path")
-        if counts["local"]:
-            problems.append(f"{counts['local']} local-memory instructions")
-        failures += [f"{name}: {p}" for p in problems]
-        rows.append((name, counts["ldg128"], counts["ldg"] - counts["ldg128"], counts["local"],
-                     "; ".join(problems) or "ok"))
-    return rows, failures
-
-
-def _sass_of(cuobjdump: str, path: Path) -> str:
-    done = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"cuobjdump -sass {path} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
-def _triton_kernel_names() -> set[str]:
-    """Functions defined in the project's Triton sources, to tell its cubins from inductor's."""
-    names = set()
-    for source in [*ROOT.glob("r2m_kernels/triton/*.py"), *ROOT.glob("r2m/bench/*.py")]:
-        names.update(re.findall(r"^def (\w+)\(", source.read_text(), flags=re.M))
-    return names
-
-
-def cmd_sass(args) -> int:
-    lines, failed = [], False
-    text = _sass_of(args.cuobjdump, args.extension)
-    if args.listing:
-        args.listing.write_text(text)
-    functions = parse_sass(text)
-    rows, failures = check_extension_sass(functions)
-    if not functions:
-        failures = [f"no functions in the SASS of {args.extension}"]
-    failed = bool(failures)
-    lines += [f"cuda extension `{args.extension.name}`, {len(functions)} kernels "
-              f"(`cuobjdump -sass`, {args.cuobjdump}). Checked: 128-bit loads (LDG.*.128) in every "
-              "16-byte instantiation of the pool kernels, no local memory (LDL/STL) anywhere.", "",
-              "| kernel | 128-bit LDG | other LDG | LDL+STL | check |", "|---|---|---|---|---|"]
-    lines += [f"| `{name}` | {a} | {b} | {c} | {verdict} |" for name, a, b, c, verdict in rows]
-    lines += ["", f"**{'FAIL' if failed else 'PASS'}**" + (": " + "; ".join(failures) if failures else ""), ""]
-
-    if args.triton_cache and args.triton_cache.is_dir():
-        ours = _triton_kernel_names()
-        per_kernel: dict[str, Counter] = {}
-        for cubin in sorted(args.triton_cache.rglob("*.cubin")):
-            if cubin.stem not in ours:
-                continue
-            try:
-                for _, opcodes in parse_sass(_sass_of(args.cuobjdump, cubin)).items():
-                    counts = load_counts(opcodes)
-                    tally = per_kernel.setdefault(cubin.stem, Counter())
-                    tally["cubins"] += 1
-                    tally["with 128-bit loads"] += counts["ldg128"] > 0
-                    tally["with local memory"] += counts["local"] > 0
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                lines.append(f"- {cubin}: {exc}")
-        lines += ["Triton kernels (reported, not checked): compiled specialisations in the Triton cache "
-                  "(autotune configs, dtypes, constexpr flags).", "",
-                  "| kernel | cubins | with 128-bit loads | with local memory |", "|---|---|---|---|"]
-        lines += [f"| `{k}` | {t['cubins']} | {t['with 128-bit loads']} | {t['with local memory']} |"
-                  for k, t in sorted(per_kernel.items())] or ["| (none found) | | | |"]
-    args.report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 1 if failed else 0
 
 
 # ---- publish: summary.md, merged benchmark files, logs.tar.gz -----------------------------------
@@ -499,7 +372,7 @@ def write_summary(work: Path, out: Path, final: bool, left_out: list[str]) -> No
     files = sorted(set(files) | {"summary.md"})
     lines += ["## Files", "", f"In this folder ({len(files)} of at most {MAX_FILES}): " + ", ".join(files) + ".",
               "logs.tar.gz holds every stage's log, the junit XML, each bench op's own folder, the "
-              "kernel-case reports and the SASS listing."]
+              "kernel-case reports and the SASS report."]
     if left_out:
         lines.append("Left out of logs.tar.gz to keep it under 16 MiB: " + ", ".join(left_out) + ".")
     if len(files) > MAX_FILES:
@@ -529,15 +402,8 @@ def main(argv=None) -> int:
     pre = sub.add_parser("preflight", help="the dry run's Python checks")
     pre.add_argument("--bench", action="append", default=[], help="arguments of one `r2m bench` call")
     pre.add_argument("--script", action="append", default=[], help="a script a stage runs (imported, not run)")
-    pre.add_argument("--cases-args", action="append", default=[], help="arguments of one gpu_kernel_cases.py call")
+    pre.add_argument("--cases-args", action="append", default=[], help="arguments of one tests.support.kernel_cases call")
     pre.set_defaults(fn=cmd_preflight)
-    sass = sub.add_parser("sass", help="SASS check of the cuda extension (Triton kernels reported)")
-    sass.add_argument("--cuobjdump", required=True)
-    sass.add_argument("--extension", type=Path, required=True)
-    sass.add_argument("--triton-cache", type=Path)
-    sass.add_argument("--report", type=Path, required=True)
-    sass.add_argument("--listing", type=Path, help="write the extension's full SASS here")
-    sass.set_defaults(fn=cmd_sass)
     counts = sub.add_parser("pytest-counts", help="outcomes of a pytest run from its junit XML or verbose log")
     counts.add_argument("--xml", type=Path, required=True)
     counts.add_argument("--log", type=Path, required=True)
