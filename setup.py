@@ -3,7 +3,8 @@
 
 R2M_SKIP_CUDA_BUILD=1 skips the extension; R2M_CUDA_ARCHS (e.g. "8.0;9.0") picks the
 architectures; R2M_CUDA_DEBUG=1 keeps host debug info. Objects go to build/cuda/ in the source
-tree, so rebuilding the same tree is incremental. Without the extension the package installs as pure Python and says so once.
+tree, so rebuilding the same tree is incremental. Without the extension the package installs as
+pure Python and says so once.
 Sources and flags: r2m_kernels/cuda/build.py (the JIT fallback uses the same).
 """
 

@@ -1,4 +1,4 @@
-"""Sweep that sets attention_pool_many_heads.MANY_HEADS_MIN: both Triton attention-pool variants
+"""Sweep that places attention_pool_many_heads.MANY_HEADS_MIN: both Triton attention-pool variants
 (per-head CUDA-core dots, many-head tensor-core dots) at the docs/design.md §6 `heads` size (B 512,
 S 1024, D_p 4096, bf16) for n_h in 1..32, side by side in one run: forward, backward into q
 alone, backward into q and hidden (median ms of triton.testing.do_bench).
@@ -17,20 +17,16 @@ import triton.testing
 import r2m_kernels
 from r2m_kernels.triton import attention_pool_many_heads
 
-VARIANTS = {"many-heads": 1, "per-head": 10**9}  # MANY_HEADS_MIN that forces each variant
-
-
 def sweep(batch, seq_len, d_p, heads, device, dtype, timer):
     """Rows (n_h, variant, fwd ms, bwd-dq ms, bwd-dq+dhidden ms)."""
     hidden = torch.randn(batch, seq_len, d_p, device=device, dtype=dtype)
     hidden_g = hidden.detach().clone().requires_grad_()
-    saved, rows = attention_pool_many_heads.MANY_HEADS_MIN, []
-    try:
-        for n_h in heads:
-            q = torch.randn(batch, n_h, d_p, device=device, requires_grad=True)
-            for variant, threshold in VARIANTS.items():
-                attention_pool_many_heads.MANY_HEADS_MIN = threshold
-
+    rows = []
+    for n_h in heads:
+        q = torch.randn(batch, n_h, d_p, device=device, requires_grad=True)
+        for variant in ("many-heads", "per-head"):
+            # The backward chooses its variant again, so the timers run inside the scope too.
+            with attention_pool_many_heads.forced_variant(variant):
                 def forward(h=hidden):
                     return r2m_kernels.attention_pool(h, q, d_p ** -0.5, backend="triton")
 
@@ -40,8 +36,6 @@ def sweep(batch, seq_len, d_p, heads, device, dtype, timer):
                              timer(lambda: torch.autograd.grad(out, q, grad, retain_graph=True)),
                              timer(lambda: torch.autograd.grad(out_g, (q, hidden_g), grad,
                                                                retain_graph=True))))
-    finally:
-        attention_pool_many_heads.MANY_HEADS_MIN = saved
     return rows
 
 
