@@ -21,6 +21,14 @@ from .head import HEAD_BACKENDS
 MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterative-head")
 
 
+DEVICES = ("auto", "cpu", "cuda")  # what each command's --device takes
+
+
+class UsageError(ValueError):
+    """A bad setting (a flag, a YAML value, or a model they do not fit): each `r2m` command reports
+    it as one line naming the setting, exit status 2."""
+
+
 @dataclass
 class R2MConfig:
     """What R2M adds to a TRL run. Validated on construction: a ValueError names the field."""

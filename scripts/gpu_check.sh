@@ -38,7 +38,7 @@ kernel-cases|5|30|each kernel once at small odd sizes against float64 (fills the
 memcheck|9|45|compute-sanitizer memcheck on those cases, triton and cuda
 racecheck|6|30|compute-sanitizer racecheck then synccheck on the cuda cases
 sass|2|15|cuda SASS: 128-bit loads in the pool kernels, no local memory (Triton reported)
-pool-variants|4|30|benchmarks/pool_variants.py: per-head against many-head Triton pool, n_h 1..32
+bench-pool-variants|4|30|r2m bench pool --pool-variants: per-head against many-head Triton pool, n_h 1..32
 '
 declare -a STAGES=()
 declare -A WEIGHT=() MINIMUM=() WHAT=()
@@ -49,8 +49,10 @@ done <<<"$STAGE_TABLE"
 
 # Sizes per bench op. grebt's cost does not depend on n_h, so heads would repeat paper-8b:
 # it runs at its large case (16k groups) instead.
-declare -A BENCH_SIZES=([pool]="paper-8b heads" [head]="paper-8b heads" [grebt]="paper-8b groups-16k"
-                        [update]="paper-8b heads")
+# pool-variants: both variants of the Triton pool, each forced, over n_h (what places MANY_HEADS_MIN).
+declare -A BENCH_OPTIONS=([pool]="--ops pool --sizes paper-8b heads" [head]="--ops head --sizes paper-8b heads"
+                          [grebt]="--ops grebt --sizes paper-8b groups-16k" [update]="--ops update --sizes paper-8b heads"
+                          [pool-variants]="--ops pool --sizes heads --num-heads 1,2,4,8,16,32 --backends triton --pool-variants")
 PYTEST_SELECTION=(-m gpu tests -p no:cacheprovider --continue-on-collection-errors)
 RESERVE=10          # seconds kept for the last summary
 MIN_STAGE=10        # a stage with less than this left is skipped
@@ -162,7 +164,7 @@ stage_pytest_gpu() {
 
 bench_args() {  # BENCH_ARGS: the arguments of `r2m bench` for op $1 (the dry run checks them too)
   # shellcheck disable=SC2206  # the sizes are separate words
-  BENCH_ARGS=(--device cuda --ops "$1" --sizes ${BENCH_SIZES[$1]} --out "$WORK/bench-$1")
+  BENCH_ARGS=(--device cuda ${BENCH_OPTIONS[$1]} --out "$WORK/bench-$1")
 }
 bench() {
   bench_args "$1"
@@ -172,6 +174,7 @@ stage_bench_pool() { bench pool; }
 stage_bench_head() { bench head; }
 stage_bench_grebt() { bench grebt; }
 stage_bench_update() { bench update; }
+stage_bench_pool_variants() { bench pool-variants; }
 
 stage_kernel_cases() {
   limited "$PYTHON" "${CASES[@]}" --report "$WORK/kernel-cases.md"
@@ -214,9 +217,6 @@ stage_sass() {  # tests/kernels/test_sass.py: cuobjdump on the built extension a
   "$PYTHON" "${TOOLS[@]}" pytest-counts --xml "$WORK/sass.xml" --log "$WORK/sass.log" --require-passed
 }
 
-stage_pool_variants() {
-  limited "$PYTHON" benchmarks/pool_variants.py
-}
 
 # ---- bookkeeping ------------------------------------------------------------------------------
 
@@ -330,11 +330,11 @@ dry_run() {
   if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
     check ok "python: $(command -v "$PYTHON" || echo "$PYTHON") ($("$PYTHON" -c 'import platform; print(platform.python_version())'))"
     local args=() op
-    for op in pool head grebt update; do
+    for op in pool head grebt update pool-variants; do
       [[ " ${STAGES[*]} " == *" bench-$op "* ]] && bench_args "$op" && args+=(--bench "${BENCH_ARGS[*]}")
     done
     local preflight
-    preflight=$("$PYTHON" "${TOOLS[@]}" preflight ${args[@]+"${args[@]}"} --script benchmarks/pool_variants.py \
+    preflight=$("$PYTHON" "${TOOLS[@]}" preflight ${args[@]+"${args[@]}"} \
       --cases-args "--report x.md" --cases-args "--backends cuda --report x.md" 2>&1) || failed=1
     echo "$preflight" | sed 's/^/  /'
   else
@@ -356,7 +356,10 @@ dry_run() {
     check fail "output folder not writable: $OUT_DIR"
   fi
   local files=2  # summary.md, logs.tar.gz
-  for name in "${STAGES[@]}"; do [[ "$name" == bench-* ]] && files=$(( files + 1 )); done  # one PNG each
+  # One PNG per bench op (bench-OP/OP.png); the pool-variants sweep's plot (pool.png) stays in logs.tar.gz.
+  for name in "${STAGES[@]}"; do
+    [[ "$name" == bench-* && "$name" != bench-pool-variants ]] && files=$(( files + 1 ))
+  done
   [[ " ${STAGES[*]} " == *" bench-"* ]] && files=$(( files + 2 ))  # bench.csv, bench.json
   (( files <= 8 )) && check ok "files written to the output folder: $files (the device tool returns 8)" ||
     check fail "files written to the output folder: $files, over the device tool's 8"

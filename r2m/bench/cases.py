@@ -17,15 +17,18 @@ padding, so every position is read); head parameters fp32; rewards fp32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from r2m import GREBTLoss, R2MHead
 from r2m_kernels import BACKENDS, BackendUnavailableError, attention_pool, grebt_loss, why_unavailable
 from r2m_kernels.reference import grebt_loss_torch
+from r2m_kernels.triton.attention_pool_many_heads import VARIANTS as POOL_VARIANTS
+from r2m_kernels.triton.attention_pool_many_heads import forced_variant
 
 from .sizes import Size
 
@@ -77,6 +80,7 @@ class Case:
     forward(): the forward alone, returning the tensor that backward differentiates with
     grad_output (None for a scalar). leaves: tensors whose .grad is cleared before each call.
     hidden_bytes: bytes of hidden read by one pass (None: the op has no floor).
+    scope(): the context every call runs in (a forced variant of the Triton pool).
     """
 
     step: Callable[[], object]
@@ -85,6 +89,7 @@ class Case:
     grad_output: torch.Tensor | None = None
     hidden_bytes: int | None = None
     note: str = ""
+    scope: Callable[[], ContextManager] = contextlib.nullcontext
 
     def backward(self, out: torch.Tensor) -> None:
         torch.autograd.backward(out, self.grad_output, retain_graph=True)
@@ -135,6 +140,12 @@ def backends_for(op: OpSpec, device: torch.device) -> tuple[list[str], dict[str,
     return rows + kernels, skipped
 
 
+def with_pool_variants(names: list[str]) -> list[str]:
+    """`names` with the triton row split into one row per variant of the Triton attention pool
+    ("triton:per-head", "triton:many-heads"), each timed under forced_variant."""
+    return [f"{n}:{v}" if n == "triton" else n for n in names for v in (POOL_VARIANTS if n == "triton" else ("",))]
+
+
 def _hidden(size: Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.randn(size.batch, size.seq_len, size.policy_dim, device=device, dtype=dtype)
 
@@ -158,7 +169,9 @@ def _new_head(size: Size, backend: str, device: torch.device) -> R2MHead:
 def pool_case(size: Size, backend: str, dtype: torch.dtype, device: torch.device) -> Case:
     """attention_pool(hidden, q~ (B, n_h, D_p) fp32) -> (B, n_h, D_p), gradient into q~ only
     (hidden is frozen in R2M). eager: the paper's K/V attention from q (B, n_h, d_h) through
-    R2MHead's eager path, gradients into q, W_k and W_v."""
+    R2MHead's eager path, gradients into q, W_k and W_v. "triton:VARIANT": the triton backend
+    with that variant forced (with_pool_variants)."""
+    backend, _, variant = backend.partition(":")
     hidden = _hidden(size, dtype, device)
     nbytes = hidden.numel() * hidden.element_size()
     if backend == "eager":
@@ -174,7 +187,10 @@ def pool_case(size: Size, backend: str, dtype: torch.dtype, device: torch.device
         forward = lambda: attention_pool(hidden, q, scale, backend=backend)  # noqa: E731
         leaves, out_shape = [q], (size.batch, size.num_heads, size.policy_dim)
     # Both paths return hidden's dtype.
-    return _differentiable(forward, leaves, torch.randn(out_shape, device=device, dtype=dtype), nbytes)
+    case = _differentiable(forward, leaves, torch.randn(out_shape, device=device, dtype=dtype), nbytes)
+    if variant:
+        case.scope, case.note = (lambda: forced_variant(variant)), f"{variant} variant forced"
+    return case
 
 
 def head_case(size: Size, backend: str, dtype: torch.dtype, device: torch.device) -> Case:

@@ -40,7 +40,7 @@ SIZES: dict[str, Size] = {s.name: s for s in (
     Size("heads", 512, 1024, 4096, 4096, 2048, 16),
     # Two groups of four so that the group ops average over more than one group.
     Size("tiny-cpu", 8, 64, 576, 576, 64, 1, group=4),
-    # For `--ops grebt`: 16384 groups of 8 (the GREBT issue's large case; paper-8b is its 64 x 8).
+    # For `--ops grebt`: 16384 groups of 8, a large batch of small groups (paper-8b is 64 x 8).
     Size("groups-16k", 16384 * 8, 1, 64, 64, 64, 1),
 )}
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("trl")
 
 from r2m.cli import main  # noqa: E402
-from r2m.experiment_eval import HeldOutEvaluation  # noqa: E402
+from r2m.experiment.evaluation import HeldOutEvaluation  # noqa: E402
 
 from tests.support.trl_tiny import make_trainer, metrics, save_tiny_models  # noqa: E402
 
@@ -58,8 +58,8 @@ def test_arms_of_a_seed_are_paired(experiment):
 
 
 def test_held_out_set_is_fixed_and_never_trained_on(experiment):
-    from r2m.demo.tiny import TINY_PROMPTS
-    from r2m.experiment import _tasks
+    from r2m.experiment.tiny import TINY_PROMPTS
+    from r2m.experiment.run import _tasks
 
     train, held_out, _, _ = _tasks(tiny=True)
     questions = {m["content"] for p in held_out for m in p}
@@ -141,14 +141,14 @@ def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     ([], 12), (["--tiny"], 0), (["--tiny", "true"], 0), (["--tiny", "false"], 12), (["--tiny", "--rm_layers", "1"], 1),
 ])
 def test_tiny_takes_the_whole_tiny_model_as_the_rm(argv, rm_layers):
-    from r2m.experiment import parse
+    from r2m.cli.experiment import parse
 
     experiment = parse([*argv, "--device", "cpu"])[0]
     assert experiment.rm_layers == rm_layers
 
 
 def test_demo_held_out_split_and_labeller():
-    from r2m.demo import tasks
+    from r2m.experiment import tasks
 
     assert tasks.EVAL_PROMPTS and not set(tasks.EVAL_PROMPTS) & set(tasks.TRAIN_PROMPTS)
     assert set(tasks.EVAL_PROMPTS) | set(tasks.TRAIN_PROMPTS) == set(tasks.PROMPTS)

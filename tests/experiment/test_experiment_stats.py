@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from r2m.experiment_stats import area_under, paired_summary, t_cdf, t_quantile
+from r2m.experiment.stats import area_under, paired_summary, t_cdf, t_quantile
 from r2m.metrics import pairwise_agreement
 
 

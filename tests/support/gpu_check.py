@@ -66,15 +66,6 @@ def cmd_which(args) -> int:
 
 # ---- preflight: the dry run's Python-side checks ---------------------------------------------------
 
-def _load_script(path: Path):
-    """Import a script by path (its `if __name__ == "__main__"` part does not run)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def cmd_preflight(args) -> int:
     failures = 0
 
@@ -99,7 +90,7 @@ def cmd_preflight(args) -> int:
                required=False)
 
     try:
-        from r2m import bench
+        from r2m.cli import bench
 
         for text in args.bench:
             parser = argparse.ArgumentParser(prog="r2m bench", exit_on_error=False)
@@ -111,13 +102,6 @@ def cmd_preflight(args) -> int:
                 report(False, f"r2m bench rejects `{text}`: {exc}")
     except Exception as exc:
         report(False, f"r2m.bench: {type(exc).__name__}: {exc}")
-
-    for script in args.script:
-        try:
-            _load_script(ROOT / script)
-            report(True, f"{script} imports")
-        except (Exception, SystemExit) as exc:
-            report(False, f"{script}: {type(exc).__name__}: {exc}")
 
     try:
         driver = importlib.import_module("tests.support.kernel_cases")
@@ -255,12 +239,6 @@ def _section_file(name: str):
     return section
 
 
-def _section_pool_variants(work: Path, stage: str) -> list[str]:
-    lines = _clean_log(_read_log(work / f"{stage}.log"))
-    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("n_h")), None)
-    return _code(lines[start:]) if start is not None else ["(no table printed)"]
-
-
 def _section_build(work: Path, stage: str) -> list[str]:
     lines = _clean_log(_read_log(work / f"{stage}.log"))
     found = [line for line in lines if line.startswith("extension: ") or line.startswith("available backends: ")]
@@ -274,7 +252,6 @@ SECTIONS = {
     "memcheck": _section_sanitizer,
     "racecheck": _section_sanitizer,
     "sass": _section_file("sass.md"),
-    "pool-variants": _section_pool_variants,
 }
 
 
@@ -401,7 +378,6 @@ def main(argv=None) -> int:
     which.set_defaults(fn=cmd_which)
     pre = sub.add_parser("preflight", help="the dry run's Python checks")
     pre.add_argument("--bench", action="append", default=[], help="arguments of one `r2m bench` call")
-    pre.add_argument("--script", action="append", default=[], help="a script a stage runs (imported, not run)")
     pre.add_argument("--cases-args", action="append", default=[], help="arguments of one tests.support.kernel_cases call")
     pre.set_defaults(fn=cmd_preflight)
     counts = sub.add_parser("pytest-counts", help="outcomes of a pytest run from its junit XML or verbose log")

@@ -17,7 +17,7 @@ def save_tiny_models(folder: Path) -> Path:
     (LlamaForSequenceClassification, one label); returns folder."""
     from transformers import LlamaForSequenceClassification
 
-    from r2m.demo.tiny import tiny_llama_config, tiny_policy, tiny_tokenizer
+    from r2m.experiment.tiny import tiny_llama_config, tiny_policy, tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -49,7 +49,7 @@ def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=T
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from r2m import R2MConfig, R2MRewardModel
-    from r2m.demo.tiny import tiny_judge_func
+    from r2m.experiment.tiny import tiny_judge_func
     from r2m.integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
 
     tok = AutoTokenizer.from_pretrained(models / "policy", padding_side="left")

@@ -2,6 +2,7 @@
 behind the tables (floor percentages, speedups)."""
 
 import csv
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -194,10 +195,33 @@ def test_tiny_run_on_the_gpu_times_the_kernel_backends_and_memory(tmp_path):
         assert r["error"] == "" and r["fwd_bwd_ms"] > 0 and r["peak_total_bytes"] > 0, r
 
 
-@pytest.mark.interpreter
-def test_pool_variants_sweep_runs_both_variants():
-    from benchmarks.pool_variants import main
+def test_pool_variants_split_the_triton_row_only():
+    assert cases.with_pool_variants(["eager", "torch", "triton", "cuda"]) == [
+        "eager", "torch", "triton:per-head", "triton:many-heads", "cuda"]
 
-    rows = main(["--tiny"])
-    assert [(n_h, variant) for n_h, variant, *_ in rows] == [
-        (1, "many-heads"), (1, "per-head"), (4, "many-heads"), (4, "per-head")]
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("variant", ["per-head", "many-heads"])
+def test_pool_variant_case_runs_under_its_forced_variant(variant):
+    from r2m_kernels.triton.attention_pool_many_heads import uses_many_heads
+
+    # n_h 1 would take per-head and n_h 32 many-heads unforced: each case must take its own.
+    for num_heads in (1, 32):
+        size = dataclasses.replace(SIZES["tiny-cpu"], batch=4, seq_len=24, policy_dim=40, num_heads=num_heads)
+        case = BUILDERS["pool"](size, f"triton:{variant}", torch.bfloat16, torch.device("cpu"))
+        with case.scope():
+            assert uses_many_heads(torch.empty(0, dtype=torch.bfloat16), num_heads) == (variant == "many-heads")
+            case.step()
+        assert case.leaves[0].grad is not None and torch.isfinite(case.leaves[0].grad).all()
+        assert case.note == f"{variant} variant forced"
+    assert uses_many_heads(torch.empty(0, dtype=torch.bfloat16), 1) is False  # the scope ended
+
+
+def test_num_heads_sweep_names_each_size_and_rejects_uneven_counts(tmp_path, capsys):
+    rc = main(["bench", "--sizes", "tiny-cpu", "--ops", "grebt", "--num-heads", "1,2", "--out", str(tmp_path),
+               "--warmup-ms", "1", "--rep-ms", "2", "--bandwidth-mib", "1"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert sorted({r["size"] for r in rows}) == ["tiny-cpu/h1", "tiny-cpu/h2"]
+    assert main(["bench", "--sizes", "tiny-cpu", "--num-heads", "3", "--out", str(tmp_path)]) == 2
+    assert "--num-heads must divide each size's d; it does not at tiny-cpu/h3" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ["build", "pytest-gpu", "bench-pool", "bench-head", "bench-grebt", "bench-update",
-          "kernel-cases", "memcheck", "racecheck", "sass", "pool-variants"]
+          "kernel-cases", "memcheck", "racecheck", "sass", "bench-pool-variants"]
 
 
 from tests.support import gpu_check as tools

@@ -123,7 +123,7 @@ def test_missing_files_and_devices(models, tmp_path, capsys):
 
 
 def test_demo_gold_judge():
-    from r2m.demo import tasks
+    from r2m.experiment import tasks
 
     sum_prompt = "What is 7 + 5? Answer with just the number."
     word_prompt = "What is the capital of France? Answer with one word."

@@ -15,8 +15,8 @@ import hashlib
 import torch
 from transformers import TrainerCallback
 
-from .capture import HiddenStateCapture, policy_backbone
-from .metrics import pairwise_agreement
+from ..capture import HiddenStateCapture, policy_backbone
+from ..metrics import pairwise_agreement
 
 
 def completion_log_probs(model, input_ids, attention_mask, prompt_width: int, temperature: float):
@@ -75,7 +75,7 @@ class HeldOutEvaluation(TrainerCallback):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        from .demo.models import sample
+        from .models import sample
 
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)

@@ -1,13 +1,12 @@
-"""`r2m experiment`: does R2M curb over-optimisation here? A paired, multi-seed experiment on
-TRL's RLOO (R2MRLOOTrainer), with the paper's baselines, measured on a fixed held-out set.
+"""The paired experiment's run: does R2M curb over-optimisation here? A paired, multi-seed
+experiment on TRL's RLOO (R2MRLOOTrainer), with the paper's baselines, measured on a fixed
+held-out set. Its command line is r2m.cli.experiment, its settings r2m.experiment.settings.
 
 Every arm (a mode of R2MConfig: static, r2m, r2m-frozen, iterative-head, ...) of a seed starts
 from the same policy, the same reward model and the same head initialisation, and trains on the
 same prompts in the same order with the same sampling seed; the evaluation draws its own random
-numbers apart (r2m.experiment_eval). The presets: `demo` (the default, what scripts/demo.sh
-runs: minutes on a 2-core CPU) and `full` (the README's measured answer). Settings come from
-TRL's parser, as in `r2m train`: the experiment's own section, R2MConfig and RLOOConfig, from a
-YAML file and flags, flags last. Outputs: OUTPUT_DIR/report.{json,csv,md,png}, one folder per
+numbers apart (r2m.experiment.evaluation). The presets: `demo` (the default, what scripts/demo.sh
+runs: minutes on a 2-core CPU) and `full` (the README's measured answer). Outputs: OUTPUT_DIR/report.{json,csv,md,png}, one folder per
 seed and arm with its TRL log history and held-out rows, and the fitted reward model.
 """
 
@@ -19,138 +18,13 @@ import hashlib
 import json
 import platform
 import shlex
-import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .demo.tasks import GOLD_MAX  # tiny_judge's maximum too
-from .train_cli import DEVICES, UsageError, _check_yaml, _make_parser, _prescan, choice, runs_on_cpu
-
-HELP = ("A paired, multi-seed experiment: static RM vs R2M vs its ablations and the paper's Iterative "
-        "RMHead baseline on TRL's RLOO, measured on held-out prompts (gold reward, frozen-RM reward, KL, "
-        "length); a paired table, CSV, JSON, a plot and a Markdown summary. The default preset is the "
-        "demo (SmolLM2-135M-Instruct, minutes on a CPU); --preset full is the README's experiment.")
-
-PRESETS = ("demo", "full")
-DEFAULT_ARMS = "static,r2m,r2m-frozen,iterative-head"
-
-# CPU-sized settings (docs/design.md §1.1 lists the paper's). Kept by the paper: Omega 0.6,
-# alpha 0.3 (R2MConfig's defaults), two policy epochs per batch (num_iterations=2, so the head
-# update sees the refreshed policy's hidden states), RLOO, temperature 0.7. Ours: the head
-# learning rate (the paper's 1e-6 would not move the head in a few dozen steps), d, the batch,
-# the steps, the learning rate, 16 new tokens (the questions have one-word answers; SmolLM2 starts
-# with a sentence, which 16 tokens leave room to end), the policy's last 4 layers
-# trained, the RM's backbone the policy's first 12 layers, beta = 0 with the KL measured on the
-# held-out set instead (it saves a reference forward per batch).
-COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=16, temperature=0.7,
-              learning_rate=1e-4, lr_scheduler_type="constant", beta=0.0, num_iterations=2,
-              gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1,
-              head_learning_rate=3e-3, attn_dim=64, eval_samples=2)
-PRESET_SETTINGS = {
-    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=4,
-                 arms="static,r2m,iterative-head", rm_fit_prompts=16, eval_prompts=8),
-    "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2,3,4", eval_every=6,
-                 arms=DEFAULT_ARMS, rm_fit_prompts=32, eval_prompts=0),
-}
-
-
-@dataclass
-class ExperimentArguments:
-    """What `r2m experiment` needs beside TRL's RLOOConfig and the R2M section."""
-
-    _argument_group_name = "r2m experiment"
-
-    preset: str = field(default="demo", metadata={
-        "help": "demo (a few minutes on a CPU) or full (the README's experiment)", "choices": list(PRESETS)})
-    arms: str = field(default=DEFAULT_ARMS, metadata={
-        "help": "comma-separated modes to compare with static (which is always run): r2m, r2m-frozen, "
-                "iterative-head, noise, bt-only, gre-only"})
-    seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each seed pairs all arms"})
-    eval_every: int = field(default=4, metadata={
-        "help": "evaluate on the held-out prompts every N optimizer steps (and at step 0 and the last); "
-                "a multiple of num_iterations"})
-    eval_samples: int = field(default=2, metadata={"help": "completions per held-out prompt"})
-    eval_prompts: int = field(default=0, metadata={
-        "help": "how many of the held-out prompts to evaluate on, the first N (0: all of them)"})
-    eval_seed: int = field(default=1234, metadata={"help": "the held-out sampling seed (every evaluation, every arm)"})
-    train_last_layers: int = field(default=4, metadata={
-        "help": "train only the policy's last N decoder layers (0: all of them)"})
-    rm_layers: int = field(default=12, metadata={
-        "help": "the reward model's frozen backbone: the policy model's first N layers (0: all)"})
-    rm_fit_prompts: int = field(default=32, metadata={
-        "help": "training prompts whose initial samples (num_generations each) fit the reward model"})
-    brevity_bias: float = field(default=1.0, metadata={
-        "help": "the RM labeller's bias toward short answers (tasks.biased_preference)"})
-    label_noise: float = field(default=0.3, metadata={"help": "the RM labeller's noise SD"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": list(DEVICES)})
-    tiny: bool = field(default=False, metadata={
-        "help": "a tiny random-weight model instead of SmolLM2 (a smoke run in seconds)"})
-    model_cache: str = field(default="runs/models", metadata={
-        "help": "where the de-quantized policy folder is written once and reused"})
-
-    def arm_list(self) -> list[str]:
-        from .config import MODES
-
-        arms = [a.strip() for a in self.arms.split(",") if a.strip()]
-        for arm in arms:
-            if arm not in MODES:
-                raise UsageError(f"arms: {arm!r} is not one of {', '.join(MODES)}")
-        if len(set(arms)) != len(arms):
-            raise UsageError(f"arms: {self.arms!r} names an arm twice")
-        return ["static"] + [a for a in arms if a != "static"]
-
-    def seed_list(self) -> list[int]:
-        try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UsageError(f"seeds: {self.seeds!r} is not a comma-separated list of integers") from None
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise UsageError(f"seeds: {self.seeds!r} must name at least one seed, each once")
-        return seeds
-
-
-def parse(argv: list[str]):
-    """(ExperimentArguments, R2MConfig, RLOOConfig) from the preset, the YAML file and the flags."""
-    from trl import RLOOConfig
-
-    from .config import R2MConfig
-
-    from_yaml, picked = _prescan(argv, ("preset", "device"), switches=("tiny",))
-    preset = choice("preset", picked["preset"], PRESETS)
-    on_cpu = runs_on_cpu(picked["device"])
-    sections = (ExperimentArguments, R2MConfig, RLOOConfig)
-    _check_yaml(from_yaml, sections)
-    defaults = dict(PRESET_SETTINGS[preset])
-    if str(picked["tiny"]).lower() in ("true", "yes", "1"):
-        defaults.update(rm_layers=0)  # the tiny model has 2 layers: the RM takes them all
-    if on_cpu:
-        defaults.update(use_cpu=True, bf16=False)  # TRL turns bf16 on by default, which needs a GPU
-    parser = _make_parser(sections, defaults, prog="r2m experiment", description=HELP)
-    experiment, r2m_config, args = parser.parse_args_and_config(argv)
-    check(experiment, args)
-    return experiment, r2m_config, args
-
-
-def check(experiment: ExperimentArguments, args) -> None:
-    """UsageError for settings the paired design cannot run with."""
-    experiment.arm_list(), experiment.seed_list()
-    cycle = args.num_iterations * (args.steps_per_generation or 1)
-    for name in ("eval_every", "eval_samples", "rm_fit_prompts"):
-        if getattr(experiment, name) < 1:
-            raise UsageError(f"{name} must be >= 1; got {getattr(experiment, name)}")
-    if experiment.eval_every % cycle:
-        raise UsageError(f"eval_every ({experiment.eval_every}) must be a multiple of the optimizer steps per "
-                         f"generation batch ({cycle}), so that an evaluation falls between batches")
-    if args.max_steps < 1:
-        raise UsageError(f"max_steps must be >= 1 (the schedule length T); got {args.max_steps}")
-    if args.gradient_accumulation_steps != 1:
-        raise UsageError("gradient_accumulation_steps must be 1 in the experiment (one batch, one step)")
-    for name in ("train_last_layers", "rm_layers", "eval_prompts"):
-        if getattr(experiment, name) < 0:
-            raise UsageError(f"{name} must be >= 0; got {getattr(experiment, name)}")
-
+from .settings import ExperimentArguments
+from .tasks import GOLD_MAX  # tiny_judge's maximum too
 
 # set-up ------------------------------------------------------------------------------------------
 
@@ -175,10 +49,10 @@ class Setup:
 
 def _tasks(tiny: bool):
     """(training prompts, held-out prompts, judge in TRL's form, gold(prompt, text))."""
-    from .demo import models, tasks
+    from . import models, tasks
 
     if tiny:
-        from .demo.tiny import TINY_PROMPTS, tiny_judge, tiny_judge_func
+        from .tiny import TINY_PROMPTS, tiny_judge, tiny_judge_func
 
         def gold(prompt, text):
             return tiny_judge(models.question_of(prompt), text)
@@ -208,17 +82,14 @@ def build_setup(experiment: ExperimentArguments, args, out: Path, log) -> Setup:
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from .demo import models
+    from . import models
 
     started = time.perf_counter()
     folder = models.policy_folder(Path(experiment.model_cache), experiment.tiny)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        backbone = models.reward_backbone(folder, experiment.rm_layers or None)
-    except ValueError as e:  # rm_layers beyond the model's depth
-        raise UsageError(str(e)) from None
+    backbone = models.reward_backbone(folder, experiment.rm_layers or None)
     reference = models.load_policy(folder, None).eval().requires_grad_(False)
     train_prompts, eval_prompts, judge, gold = _tasks(experiment.tiny)
     eval_prompts = eval_prompts[:experiment.eval_prompts or None]
@@ -260,7 +131,7 @@ class RecordingJudge:
         self.judge, self.calls = judge, []
 
     def __call__(self, prompts, completions, **kwargs):
-        from .demo.models import question_of
+        from .models import question_of
 
         self.calls.append([question_of(p) for p in prompts])
         return self.judge(prompts=prompts, completions=completions, **kwargs)
@@ -274,10 +145,10 @@ def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, see
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from .demo.models import load_policy
-    from .experiment_eval import HeldOutEvaluation
-    from .integrations.trl import R2MRLOOTrainer
-    from .reward_model import R2MRewardModel
+    from .models import load_policy
+    from .evaluation import HeldOutEvaluation
+    from ..integrations.trl import R2MRLOOTrainer
+    from ..reward_model import R2MRewardModel
 
     run_args = copy.deepcopy(args)
     run_args.output_dir, run_args.seed = str(out), seed
@@ -345,7 +216,7 @@ def versions() -> dict:
     import transformers
     import trl
 
-    from . import __version__
+    from .. import __version__
 
     return {"r2m": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -356,7 +227,7 @@ def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
     """Every arm of every seed, then the report; returns the report's summary."""
     import torch
 
-    from . import experiment_report
+    from . import report
 
     from transformers.utils import logging as hf_logging
 
@@ -394,17 +265,7 @@ def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
                              "per_device_train_batch_size", "num_generations", "max_completion_length",
                              "temperature", "learning_rate", "beta", "num_iterations", "max_steps")}},
             "rm_fit": setup.rm_fit, "gold_max": GOLD_MAX, "seconds": time.perf_counter() - started}
-    summary = experiment_report.write_report(records, meta, out)
-    log(experiment_report.table(summary))
+    summary = report.write_report(records, meta, out)
+    log(report.table(summary))
     log(f"report: {out}/report.md, report.json, report.csv, report.png; total {time.perf_counter() - started:.0f} s")
     return summary
-
-
-def main(argv: list[str]) -> int:
-    try:
-        experiment, r2m_config, args = parse(argv)
-        run_experiment(experiment, r2m_config, args, argv=argv)
-        return 0
-    except UsageError as e:
-        print(f"r2m experiment: error: {e}", file=sys.stderr)
-        return 2

@@ -10,9 +10,9 @@ import sys
 
 COMMANDS: dict[str, str] = {
     # name: module
-    "bench": "r2m.bench",
-    "experiment": "r2m.experiment",
-    "train": "r2m.train_cli",
+    "bench": "r2m.cli.bench",
+    "experiment": "r2m.cli.experiment",
+    "train": "r2m.cli.train",
 }
 
 
@@ -32,6 +32,3 @@ def main(argv=None) -> int:
     module.add_arguments(cmd)
     return int(module.run(cmd.parse_args(argv[1:])) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

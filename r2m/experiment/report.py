@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .experiment_stats import area_under, paired_summary
+from .stats import area_under, paired_summary
 
 # TRL log keys averaged over the last third of a run, for the arms whose reward has a head
 TRAIN_AGREEMENT = ("r2m/agree_gold", "r2m/rm_agree_gold", "r2m/agree_length", "r2m/rm_agree_length",

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..config import UsageError
 from ..messages import turn_text
 from ..reward_model import R2MRewardModel
 from . import tasks
@@ -98,7 +99,7 @@ def reward_backbone(folder: Path, layers: int | None):
     config = AutoConfig.from_pretrained(folder)
     if layers is not None:
         if not 1 <= layers <= config.num_hidden_layers:
-            raise ValueError(f"rm_layers must be in [1, {config.num_hidden_layers}]; got {layers}")
+            raise UsageError(f"rm_layers must be in [1, {config.num_hidden_layers}]; got {layers}")
         config.num_hidden_layers = layers
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = config.layer_types[:layers]

@@ -8,23 +8,18 @@ the field, exit status 2.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import enum
 import json
 import os
 import sys
-import types
-import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .settings import DEVICES, UsageError, check_yaml, choice, make_parser, prescan, runs_on_cpu
 
 HELP = ("Train a policy with TRL against a real-time aligned reward model (the demo and the paired "
         "experiment are `r2m experiment`).")
 
 TRAINERS = ("rloo", "grpo")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -47,149 +42,21 @@ class TrainArguments:
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint-N in output_dir"})
 
 
-class UsageError(Exception):
-    """A bad setting: reported as one line, exit status 2."""
-
-
-def _make_parser(dataclass_types, defaults: dict, prog: str = "r2m train", description: str = HELP):
-    """TRL's TrlParser, with `defaults` under the YAML file and the flags, and errors raised as
-    UsageError (one line; argparse's usage dump would bury the message), a dataclass's own
-    check (__post_init__) included."""
-    from trl import TrlParser
-
-    class OneLineErrors(TrlParser):
-        def error(self, message):
-            raise UsageError(message)
-
-        def parse_args_and_config(self, *args, **kwargs):
-            with warnings.catch_warnings():
-                # TRL's configs set transformers' deprecated name `gradient_checkpointing` by
-                # default: a FutureWarning at every parse that the user can do nothing about.
-                warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
-                try:
-                    return super().parse_args_and_config(*args, **kwargs)
-                except (ValueError, TypeError) as e:
-                    raise UsageError(str(e).strip().splitlines()[0]) from None
-
-    parser = OneLineErrors(dataclass_types, prog=prog, description=description)
-    parser.set_defaults(**defaults)
-    return parser
-
-
-def _prescan(argv: list[str], names=("trainer", "device", "policy"), switches=()) -> tuple[dict, dict]:
-    """(the YAML file's mapping, the settings that pick defaults: `names`, and `switches`, boolean
-    flags that may stand bare, as "true"), read before the full parse; flags win over the file."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    for name in names:
-        pre.add_argument(f"--{name}")
-    for name in switches:
-        pre.add_argument(f"--{name}", nargs="?", const="true")
-    known, _ = pre.parse_known_args(argv)
-    from_yaml = {}
-    if known.config is not None:
-        import yaml
-
-        try:
-            with open(known.config) as f:
-                from_yaml = yaml.safe_load(f)
-        except OSError as e:
-            raise UsageError(f"--config: cannot read {known.config}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UsageError(f"--config: {known.config} is not valid YAML ({first})") from None
-        if not isinstance(from_yaml, dict):
-            raise UsageError(f"--config: {known.config} must hold a mapping of settings, "
-                             f"not {type(from_yaml).__name__}")
-    picked = {name: getattr(known, name) if getattr(known, name) is not None else from_yaml.get(name)
-              for name in (*names, *switches)}
-    return from_yaml, picked
-
-
-def _value_fits(hint, value) -> bool:
-    """Whether a YAML value fits a field's type. Strings are left to argparse, which converts
-    them with the field's type and reports what does not convert."""
-    if isinstance(value, str):
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_value_fits(a, value) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
-        return False  # a non-string where a string is expected
-    if origin is list or hint is list:
-        return isinstance(value, list)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True  # Any and the like
-
-
-def _check_yaml(from_yaml: dict, dataclass_types) -> None:
-    hints, choices = {}, {}
-    for cls in dataclass_types:
-        cls_hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.init:
-                hints[f.name] = cls_hints[f.name]
-                if "choices" in f.metadata:
-                    choices[f.name] = f.metadata["choices"]
-    for key, value in from_yaml.items():
-        if key == "env":
-            continue
-        if key not in hints:
-            raise UsageError(f"{key}: unknown setting in the config file")
-        if not _value_fits(hints[key], value):
-            raise UsageError(f"{key}: {value!r} is not a valid {_type_name(hints[key])}")
-        if key in choices and value not in choices[key]:
-            raise UsageError(f"{key}: {value!r} is not one of {', '.join(map(str, choices[key]))}")
-
-
-def _type_name(hint) -> str:
-    names = [getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
-    return " or ".join(names)
-
-
-def choice(name: str, value: str | None, choices) -> str:
-    """`value` (the first of `choices` when not given), or a UsageError naming the field."""
-    value = value or choices[0]
-    if value not in choices:
-        raise UsageError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def runs_on_cpu(device: str | None) -> bool:
-    """Whether the --device value (auto when not given) means the CPU; a UsageError for a bad
-    value or for cuda without a CUDA device."""
-    import torch
-
-    device = choice("device", device, DEVICES)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: cuda was asked for, but torch sees no CUDA device here")
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
 def parse(argv: list[str]):
     """(TrainArguments, R2MConfig, RLOOConfig or GRPOConfig) from the YAML file and the flags."""
     from trl import GRPOConfig, RLOOConfig
 
-    from .config import R2MConfig
+    from ..config import R2MConfig
 
-    from_yaml, picked = _prescan(argv)
+    from_yaml, picked = prescan(argv, ("trainer", "device", "policy"))
     trainer = choice("trainer", picked["trainer"], TRAINERS)
     on_cpu = runs_on_cpu(picked["device"])
     sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
-    _check_yaml(from_yaml, sections)
+    check_yaml(from_yaml, sections)
     defaults = {"report_to": "none", "logging_steps": 1}
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
-    return _make_parser(sections, defaults).parse_args_and_config(argv)
+    return make_parser(sections, defaults, "r2m train", HELP).parse_args_and_config(argv)
 
 
 def _local_or_hub(name: str, value: str) -> str:
@@ -240,7 +107,7 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
     """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .integrations.trl import check_resumable, read_checkpoint_state
+    from ..integrations.trl import check_resumable, read_checkpoint_state
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
@@ -258,8 +125,8 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-    from .integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
-    from .reward_model import R2MRewardModel
+    from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
+    from ..reward_model import R2MRewardModel
 
     if not (script.policy and script.reward_model and script.prompts):
         raise UsageError("policy: r2m train needs --policy, --reward_model and --prompts (the demo is `r2m experiment`)")
