@@ -14,7 +14,7 @@
 # stage that needs less hands its time on. A stage
 # that runs out of time is marked TIMEOUT (it gets Ctrl-C first, so pytest still writes its
 # report) and the next one runs. --stages reruns a subset (build is cheap to repeat on a warm
-# machine: ninja skips what is built).
+# machine: it builds in place, into build/cuda/, and ninja recompiles only what changed).
 #
 # DIR receives at most 8 files (the device tool returns 8): summary.md, logs.tar.gz,
 # bench.csv, bench.json and one PNG per bench op (pool, head, grebt, update). summary.md and
@@ -27,8 +27,11 @@ TOOLS=(-m tests.support.gpu_check)   # "$PYTHON" "${TOOLS[@]}" SUBCOMMAND ...
 CASES=(-m tests.support.kernel_cases)
 
 # name | weight | minimum seconds | what it checks
+# build's minimum: a cold build (setup.py build_ext --inplace, -g0, sm_90 alone) took BUILD_NEED s on a 2-core
+# CPU with MAX_JOBS=2; the GPU machine's 16 cores compile the three sources side by side, so it
+# is an upper bound there (binding.cpp alone took 46 s of CPU).
 STAGE_TABLE='
-build|12|60|CUDA extension r2m_kernels._cuda built by pip for this GPU'"'"'s architecture
+build|12|90|CUDA extension r2m_kernels._cuda built in place for this GPU'"'"'s architecture
 pytest-gpu|30|90|pytest -m gpu: triton and cuda against float64, bf16/fp16/fp32
 bench-pool|10|45|r2m bench pool at paper-8b and heads, every backend
 bench-head|12|60|r2m bench head (with torch.compile) at paper-8b and heads
@@ -54,6 +57,11 @@ declare -A BENCH_OPTIONS=([pool]="--ops pool --sizes paper-8b heads" [head]="--o
                           [grebt]="--ops grebt --sizes paper-8b groups-16k" [update]="--ops update --sizes paper-8b heads"
                           [pool-variants]="--ops pool --sizes heads --num-heads 1,2,4,8,16,32 --backends triton --pool-variants")
 PYTEST_SELECTION=(-m gpu tests -p no:cacheprovider --continue-on-collection-errors)
+# The most valuable first (the kernels against float64, then the error contract, then the rest;
+# tests/conftest.py orders them): a run cut short by its limit has done those, and its summary
+# names what it did not reach. (pytest collects overlapping paths in its own order.)
+export R2M_RUN_FIRST="tests/kernels/ tests/api/"
+BUILD_NEED=82       # seconds, measured (above); the dry run checks the build's limit against it
 RESERVE=10          # seconds kept for the last summary
 MIN_STAGE=10        # a stage with less than this left is skipped
 KILL_AFTER=10       # seconds between Ctrl-C and SIGKILL for a stage's command
@@ -141,10 +149,17 @@ stage_build() {
   if (( ! DRY_RUN )); then
     arch=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null) || arch=9.0
   fi
-  NOTE="sm $arch"
-  # --no-index: the GPU machine reaches no registry, and pip must not wait for one.
-  limited env MAX_JOBS="$(nproc)" R2M_CUDA_ARCHS="$arch" PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -v -e "$ROOT" || return
+  local toolkit
+  # torch derives the toolkit from nvcc's location, wrong where nvcc is a wrapper script.
+  if ! toolkit=$("$PYTHON" "${TOOLS[@]}" cuda-home 2>/dev/null | cut -f1) || [[ -z "$toolkit" ]]; then
+    (( DRY_RUN )) && toolkit="(the toolkit found there)" || { NOTE="no CUDA toolkit found"; return 2; }
+  fi
+  NOTE="sm $arch, CUDA_HOME=$toolkit"
+  # In place: the module lands in r2m_kernels/ and the objects in build/cuda/ (both git-ignored),
+  # nothing is written into the Python environment, and a second build recompiles only what
+  # changed. Tests and benchmarks import r2m from the tree (they run from its root).
+  limited env CUDA_HOME="$toolkit" MAX_JOBS="$(nproc)" R2M_CUDA_ARCHS="$arch" \
+    "$PYTHON" setup.py build_ext --inplace || return
   limited "$PYTHON" -c 'import r2m_kernels, r2m_kernels._cuda as ext; print("extension:", ext.__file__); print("available backends:", r2m_kernels.available_backends())'
 }
 
@@ -155,7 +170,8 @@ stage_pytest_gpu() {
   if "$PYTHON" -c 'import xdist' 2>/dev/null; then extra+=(-n "$(( workers > 1 ? workers : 1 ))"); fi
   if "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then extra+=(--timeout 300 -o timeout_method=thread); fi
   local rc=0
-  limited "$PYTHON" -m pytest "${PYTEST_SELECTION[@]}" -v --junitxml="$WORK/pytest-gpu.xml" \
+  limited env R2M_COLLECTED_IDS="$WORK/pytest-gpu-collected.txt" \
+    "$PYTHON" -m pytest "${PYTEST_SELECTION[@]}" -v --junitxml="$WORK/pytest-gpu.xml" \
     ${extra[@]+"${extra[@]}"} || rc=$?
   (( DRY_RUN || rc != 0 )) && return "$rc"
   # All skipped (torch saw no GPU) is no pass.
@@ -188,23 +204,54 @@ find_sanitizer() {
   return 2
 }
 
+# A sanitizer that refuses the device ("Device not supported", then error 999 at the first
+# allocation) fails within seconds: status UNAVAILABLE (exit 75), not errors found (exit 3),
+# and the later sanitizer stages do not try again. Reads the stage's log ($1).
+SANITIZER_REFUSED=""
+sanitizer_verdict() {
+  local log=$1 rc=$2 refused
+  (( rc == 0 || rc == 124 || rc == 137 )) && return "$rc"
+  refused=$(grep -m1 -E "Device not supported|error 999|CUDA_ERROR_UNKNOWN|unknown error|Target application terminated before first instrumented API call" "$log" || true)
+  if (( rc != 3 )) && [[ -n "$refused" ]]; then
+    SANITIZER_REFUSED=$refused NOTE="compute-sanitizer unavailable on this device: $refused"
+    return 75
+  fi
+  (( rc == 3 )) && NOTE="errors found (see the log)"
+  return "$rc"
+}
+
+sanitizer_usable() {
+  [[ -z "$SANITIZER_REFUSED" ]] && return 0
+  NOTE="compute-sanitizer unavailable on this device (memcheck): $SANITIZER_REFUSED"
+  return 1
+}
+
 stage_memcheck() {
   find_sanitizer || return
+  sanitizer_usable || return 75
+  local rc=0
   # Without the caching allocator each tensor is its own allocation, so memcheck sees an
   # access past any tensor's end. API errors are torch's own probing, not the kernels'.
   limited env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --report-api-errors no \
-    --error-exitcode 3 "$PYTHON" "${CASES[@]}" --report "$WORK/memcheck-cases.md"
+    --error-exitcode 3 "$PYTHON" "${CASES[@]}" --report "$WORK/memcheck-cases.md" || rc=$?
+  (( DRY_RUN )) || sanitizer_verdict "$WORK/memcheck.log" "$rc"
 }
 
 stage_racecheck() {
   find_sanitizer || return
+  sanitizer_usable || return 75
   local race=0 sync=0 deadline=$STAGE_DEADLINE
   STAGE_DEADLINE=$(( SECONDS + (deadline - SECONDS) / 2 ))  # racecheck: the first half
   limited "$SANITIZER" --tool racecheck --racecheck-report all --report-api-errors no --error-exitcode 3 \
     "$PYTHON" "${CASES[@]}" --backends cuda --report "$WORK/racecheck-cases.md" || race=$?
+  if (( ! DRY_RUN )); then
+    sanitizer_verdict "$WORK/racecheck.log" "$race" || race=$?
+    (( race == 75 )) && return 75
+  fi
   STAGE_DEADLINE=$deadline
   limited "$SANITIZER" --tool synccheck --report-api-errors no --error-exitcode 3 \
     "$PYTHON" "${CASES[@]}" --backends cuda --report "$WORK/synccheck-cases.md" || sync=$?
+  (( DRY_RUN )) || sanitizer_verdict "$WORK/racecheck.log" "$sync" || sync=$?
   return $(( race != 0 ? race : sync ))
 }
 
@@ -245,10 +292,20 @@ run_stage() {
   case $rc in
     0) status=PASS ;;
     124|137) status=TIMEOUT ;;
+    75) status=UNAVAILABLE ;;
     *) status=FAIL ;;
   esac
   record "$name" "$status" "$(( SECONDS - start ))" "$limit" "$NOTE"
   publish
+}
+
+# The device tool copies the working tree without .git: the dry run records the commit in
+# COMMIT_FILE (git-ignored; the device call carries it), which the summary falls back to.
+COMMIT_FILE="$ROOT/.gpu-check-commit"
+commit_line() {
+  git -C "$ROOT" describe --always --dirty 2>/dev/null && return
+  [[ -s "$COMMIT_FILE" ]] && echo "$(head -n 1 "$COMMIT_FILE") (recorded by the dry run; no .git in this copy)" && return
+  echo "unknown (no .git in this copy, and no $COMMIT_FILE from a dry run)"
 }
 
 collect_info() {
@@ -258,7 +315,7 @@ collect_info() {
     [[ -n "$LABEL" ]] && printf 'label\t%s\n' "$LABEL"
     printf 'command\tbash scripts/gpu_check.sh %s\n' "$ARGS"
     printf 'budget\t%s s (stages: %s)\n' "$BUDGET" "${STAGES[*]}"
-    printf 'commit\t%s\n' "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'unknown (no .git in this copy)')"
+    printf 'commit\t%s\n' "$(commit_line)"
     printf 'gpu\t%s\n' "$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
       --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
     timeout 60 "$PYTHON" - <<'EOF' 2>/dev/null || printf 'python\tfailed to import torch\n'
@@ -309,19 +366,37 @@ dry_run() {
 
   # pytest collection is the slowest check: it runs beside all the others.
   local collect_log="$WORK/collect.log" collect_pid
-  TRITON_INTERPRET=1 "$PYTHON" -m pytest "${PYTEST_SELECTION[@]}" --collect-only -q >"$collect_log" 2>&1 &
+  # As a GPU machine collects them: torch reports a CUDA device (tests/support/as_if_cuda.py).
+  TRITON_INTERPRET=1 "$PYTHON" -m pytest -p tests.support.as_if_cuda "${PYTEST_SELECTION[@]}" --collect-only -q \
+    >"$collect_log" 2>&1 &
   collect_pid=$!
 
   echo "gpu_check dry run: budget $BUDGET s, ${#STAGES[@]} stages, output $OUT_DIR"
+  local commit
+  if commit=$(git -C "$ROOT" describe --always --dirty 2>/dev/null); then
+    echo "$commit" >"$COMMIT_FILE"
+    echo "commit $commit recorded in $COMMIT_FILE (carry it to the device: it copies no .git)"
+  fi
   echo "stages (limits if each stage used all of its time; a faster stage hands its time on):"
+  declare -A PLANNED=()
   for name in "${STAGES[@]}"; do
     limit=$(stage_limit "$name" "$used")
+    PLANNED[$name]=$limit
     printf '  %-14s %4s s  %s\n' "$name" "$limit" "${WHAT[$name]}"
     "stage_${name//-/_}"
     used=$(( used + limit ))
   done
 
   echo "checks:"
+  if [[ -n "${PLANNED[build]:-}" ]]; then
+    (( PLANNED[build] >= BUILD_NEED )) && check ok "build limit ${PLANNED[build]} s >= the measured cold build, $BUILD_NEED s" ||
+      check fail "build limit ${PLANNED[build]} s < the measured cold build, $BUILD_NEED s (raise --budget)"
+    local tree_build
+    tree_build=$("$PYTHON" -c 'from r2m_kernels.cuda.build import BUILD_TEMP; print(BUILD_TEMP)' 2>/dev/null) &&
+      git -C "$ROOT" check-ignore -q "$tree_build" 2>/dev/null &&
+      check ok "build folder: $ROOT/$tree_build (in the tree, git-ignored: a rerun is incremental)" ||
+      check fail "build folder: r2m_kernels.cuda.build.BUILD_TEMP is not a git-ignored folder in the tree"
+  fi
   (( BASH_VERSINFO[0] > 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] >= 4) )) &&
     check ok "bash $BASH_VERSION" || check fail "bash $BASH_VERSION: 4.4 or newer needed"
   for name in timeout nproc mktemp; do
@@ -341,10 +416,14 @@ dry_run() {
     check fail "python: '$PYTHON' is not a Python 3.10+ interpreter (--python)"
   fi
 
-  local collected
+  local collected gpu_tests
   if wait "$collect_pid"; then
     collected=$(grep -Eo '^[0-9]+(/[0-9]+)? tests? collected' "$collect_log" | tail -n 1)
-    check ok "pytest collects the gpu tests (${collected:-see log}): ${PYTEST_SELECTION[*]}"
+    gpu_tests=${collected%%[/ ]*}
+    check ok "pytest collects the gpu tests as a GPU machine would: ${collected:-see log} (${PYTEST_SELECTION[*]})"
+    if [[ " ${STAGES[*]} " == *" pytest-gpu "* && -n "$gpu_tests" ]]; then
+      echo "         pytest-gpu: $gpu_tests tests in ${PLANNED[pytest-gpu]} s (kernels first: a run cut short names what it left)"
+    fi
   else
     check fail "pytest collection of the gpu tests failed: $(grep -E 'ERROR|error' "$collect_log" | head -n 3 | tr '\n' ' ')"
   fi
@@ -365,6 +444,9 @@ dry_run() {
     check fail "files written to the output folder: $files, over the device tool's 8"
 
   echo "on the GPU machine only (not needed here):"
+  local toolkit
+  toolkit=$("$PYTHON" "${TOOLS[@]}" cuda-home 2>/dev/null) && echo "  found   CUDA toolkit: ${toolkit%%$'\t'*} (${toolkit#*$'\t'}; the build's CUDA_HOME)" ||
+    echo "  missing CUDA toolkit (the build stage fails without one)"
   for name in nvidia-smi nvcc compute-sanitizer cuobjdump; do
     local path
     path=$("$PYTHON" "${TOOLS[@]}" which "$name" 2>/dev/null) && echo "  found   $name: $path" ||

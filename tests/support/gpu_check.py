@@ -5,6 +5,7 @@ Only the standard library at import time, so that the summary is written even wh
 or the package is broken; `preflight` imports the project on purpose.
 
     python -m tests.support.gpu_check which cuobjdump
+    python -m tests.support.gpu_check cuda-home
     python -m tests.support.gpu_check preflight --bench "--ops pool --sizes paper-8b" --cases-args "--backends cuda"
     python -m tests.support.gpu_check pytest-counts --xml X.xml --log X.log [--require-passed]
     python -m tests.support.gpu_check publish --work WORK --out OUT [--final]
@@ -21,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -53,6 +55,58 @@ def find_cuda_tool(name: str) -> str | None:
         if candidate.is_file():
             return str(candidate)
     return None
+
+
+def _is_toolkit(folder: Path) -> bool:
+    return (folder / "bin" / "nvcc").is_file() and (folder / "include" / "cuda_runtime.h").is_file()
+
+
+def _nvcc_top(nvcc: str) -> Path | None:
+    """The toolkit folder nvcc itself reports (its TOP in a dry run), so that an nvcc on PATH
+    that is a wrapper script or a symlink still leads to the real toolkit."""
+    try:
+        done = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", done.stdout + done.stderr, re.M)
+    return Path(top.group(1).strip()).resolve() if top else None
+
+
+def usual_cuda_locations() -> list[Path]:
+    """/usr/local/cuda, then /usr/local/cuda-X.Y from the newest, then /opt/cuda."""
+    versioned = sorted(Path("/usr/local").glob("cuda-*"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)],
+                       reverse=True)
+    return [Path("/usr/local/cuda"), *versioned, Path("/opt/cuda")]
+
+
+def find_cuda_home(usual_locations=usual_cuda_locations) -> tuple[Path, str] | None:
+    """(the CUDA toolkit, how it was found): CUDA_HOME or CUDA_PATH where they hold a toolkit,
+    then the usual locations, then the toolkit the nvcc on PATH reports. torch derives the
+    toolkit from nvcc's own location, which is wrong where nvcc is a wrapper script (the build
+    then fails with `cuda_runtime.h: No such file or directory`)."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(variable)
+        if value and _is_toolkit(Path(value)):
+            return Path(value), variable
+    for folder in usual_locations():
+        if _is_toolkit(folder):
+            return folder, "usual location"
+    nvcc = shutil.which("nvcc")
+    top = _nvcc_top(nvcc) if nvcc else None
+    if top is not None and _is_toolkit(top):
+        return top, f"reported by {nvcc}"
+    return None
+
+
+def cmd_cuda_home(args) -> int:
+    found = find_cuda_home()
+    if found is None:
+        print("no CUDA toolkit (bin/nvcc and include/cuda_runtime.h) in CUDA_HOME, CUDA_PATH, /usr/local/cuda*, "
+              "/opt/cuda or where the nvcc on PATH points", file=sys.stderr)
+        return 1
+    print(f"{found[0]}\t{found[1]}")
+    return 0
 
 
 def cmd_which(args) -> int:
@@ -183,6 +237,30 @@ def pytest_counts(xml_path: Path, log_path: Path) -> tuple[dict, list[str], list
     return dict(counts), failed, collection
 
 
+def _test_key(nodeid: str) -> str:
+    """A pytest node id ("tests/k/test_a.py::Class::test[p]") as junit XML spells a test
+    (classname "tests.k.test_a.Class", name "test[p]"), joined by a dot."""
+    path, *rest = nodeid.split("::")
+    return ".".join([path.removesuffix(".py").replace("/", "."), *rest])
+
+
+def not_reached(collected_path: Path, xml_path: Path, log_path: Path) -> tuple[int, list[str]]:
+    """(how many tests pytest collected, the ids of those with no outcome in the junit XML, or
+    in the verbose log where pytest wrote no XML): the tests a run cut short did not reach."""
+    if not collected_path.is_file():
+        return 0, []
+    collected = [line for line in collected_path.read_text().splitlines() if line]
+    reached = set()
+    try:
+        for case in ET.parse(xml_path).getroot().iter("testcase"):
+            reached.add(f"{case.get('classname', '')}.{case.get('name', '')}")
+    except (OSError, ET.ParseError):
+        for line in _clean_log(_read_log(log_path)):
+            if re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line):
+                reached.update(_test_key(word) for word in line.split() if "::" in word)
+    return len(collected), [nodeid for nodeid in collected if _test_key(nodeid) not in reached]
+
+
 def cmd_pytest_counts(args) -> int:
     counts, _, _ = pytest_counts(args.xml, args.log)
     print("pytest: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
@@ -202,6 +280,11 @@ def _section_pytest(work: Path, stage: str) -> list[str]:
     if failed:
         lines += ["", f"Failed ({len(failed)}):", *[f"- `{f}`" for f in failed[:40]]]
         lines += [f"- ... and {len(failed) - 40} more (logs.tar.gz)"] if len(failed) > 40 else []
+    collected, missing = not_reached(work / f"{stage}-collected.txt", work / f"{stage}.xml", work / f"{stage}.log")
+    if missing:
+        per_file = Counter(nodeid.split("::")[0] for nodeid in missing)
+        lines += ["", f"Not reached ({len(missing)} of {collected} collected; the run was cut short):",
+                  *[f"- {path}: {n}" for path, n in sorted(per_file.items())]]
     return lines
 
 
@@ -376,6 +459,8 @@ def main(argv=None) -> int:
     which = sub.add_parser("which", help="path of a CUDA tool")
     which.add_argument("name")
     which.set_defaults(fn=cmd_which)
+    home = sub.add_parser("cuda-home", help="the CUDA toolkit to build with, and how it was found (tab-separated)")
+    home.set_defaults(fn=cmd_cuda_home)
     pre = sub.add_parser("preflight", help="the dry run's Python checks")
     pre.add_argument("--bench", action="append", default=[], help="arguments of one `r2m bench` call")
     pre.add_argument("--cases-args", action="append", default=[], help="arguments of one tests.support.kernel_cases call")

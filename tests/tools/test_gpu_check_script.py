@@ -6,6 +6,7 @@ the SASS parse in tests/kernels/test_sass.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_dry_run_passes_and_lists_every_stage(tmp_path):
     listed = re.findall(r"^  (\S+)\s+(\d+) s  ", done.stdout, flags=re.M)
     assert [name for name, _ in listed] == STAGES
     assert sum(int(limit) for _, limit in listed) <= 540
-    for command in ("pip install --no-index --no-deps --no-build-isolation", "pytest -m gpu tests",
+    for command in ("setup.py build_ext --inplace", "pytest -m gpu tests",
                     "bench --device cuda --ops pool --sizes paper-8b heads", "--tool memcheck",
                     "--tool racecheck", "--tool synccheck", "pytest tests/kernels/test_sass.py -m gpu",
                     "-m tests.support.kernel_cases --backends cuda"):
@@ -136,3 +137,122 @@ def test_pytest_counts_from_the_log_when_pytest_wrote_no_report(tmp_path):
     counts, failed, _ = tools.pytest_counts(tmp_path / "missing.xml", tmp_path / "run.log")
     assert counts == {"passed": 1, "failed": 1, "skipped": 1}
     assert failed == ["tests/test_a.py::test_y"]
+
+
+def _fake_toolkit(folder: Path, nvcc_body: str) -> Path:
+    (folder / "bin").mkdir(parents=True)
+    (folder / "include").mkdir()
+    (folder / "include" / "cuda_runtime.h").write_text("")
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\n{nvcc_body}\n")
+    nvcc.chmod(0o755)
+    return folder
+
+
+def test_the_cuda_toolkit_is_found_behind_a_wrapper_nvcc(tmp_path, monkeypatch):
+    """CUDA_HOME first; without it and without a toolkit in the usual places, the toolkit that
+    the nvcc on PATH reports, though that nvcc is a wrapper script outside any toolkit."""
+    real = _fake_toolkit(tmp_path / "cuda-13.0", f'echo "#\\$ TOP={tmp_path}/cuda-13.0/bin/.." >&2')
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "not-a-toolkit"))
+    assert tools.find_cuda_home(lambda: [tmp_path / "missing"]) == (real, f"reported by {wrapper}/nvcc")
+    usual = _fake_toolkit(tmp_path / "usual", "exit 1")
+    assert tools.find_cuda_home(lambda: [tmp_path / "missing", usual]) == (usual, "usual location")
+    monkeypatch.setenv("CUDA_HOME", str(usual))
+    assert tools.find_cuda_home(lambda: []) == (usual, "CUDA_HOME")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "not-a-toolkit"))
+    (wrapper / "nvcc").unlink()
+    assert tools.find_cuda_home(lambda: []) is None
+
+
+def test_the_dry_run_checks_the_build_and_counts_the_gpu_side_tests(tmp_path):
+    """What a CPU can check of the real run: the build's limit against its measured need, the
+    build folder, the toolkit it would use, the tests a GPU machine collects; too small a
+    budget for the build fails the dry run."""
+    done = _run("--dry-run", "--out", str(tmp_path / "out"), "--budget", "540", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    need = int(re.search(r"^BUILD_NEED=(\d+)", SCRIPT.read_text(), flags=re.M).group(1))
+    limit = int(re.search(r"^  build\s+(\d+) s", done.stdout, flags=re.M).group(1))
+    assert limit >= need and f"ok   build limit {limit} s >= the measured cold build, {need} s" in done.stdout
+    assert "build folder: " in done.stdout and "build/cuda (in the tree, git-ignored" in done.stdout
+    assert "setup.py build_ext --inplace" in done.stdout
+    found = tools.find_cuda_home()
+    if found:
+        assert f"found   CUDA toolkit: {found[0]} ({found[1]}" in done.stdout
+    else:
+        assert "missing CUDA toolkit" in done.stdout
+    gpu_side = int(re.search(r"pytest-gpu: (\d+) tests in \d+ s", done.stdout).group(1))
+    cpu_side = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests", "--collect-only", "-q",
+                               "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cpu_count = int(re.search(r"(\d+)(?:/\d+)? tests? collected", cpu_side.stdout).group(1))
+    assert gpu_side > cpu_count  # the cuda and triton parameters a CPU machine does not collect
+    too_small = _run("--dry-run", "--out", str(tmp_path / "out2"), "--budget", "60", "--stages", "build", timeout=300)
+    assert too_small.returncode == 1 and "FAIL build limit" in too_small.stdout, too_small.stdout
+
+
+def test_the_gpu_tests_run_kernels_first_then_api_then_the_rest(tmp_path):
+    """R2M_RUN_FIRST (set by the script) orders the collected tests, as a GPU machine collects
+    them: tests/kernels, then tests/api, then the others; the ids file lists each test once."""
+    ids = tmp_path / "ids.txt"
+    first = re.search(r'^export R2M_RUN_FIRST="([^"]+)"', SCRIPT.read_text(), flags=re.M).group(1)
+    env = {**os.environ, "R2M_COLLECTED_IDS": str(ids), "R2M_RUN_FIRST": first}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.support.as_if_cuda", "-m", "gpu", "tests",
+                           "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = ids.read_text().splitlines()
+    assert len(collected) == len(set(collected)) > 0
+    assert first.split() == ["tests/kernels/", "tests/api/"]
+    folder = [0 if i.startswith("tests/kernels/") else 1 if i.startswith("tests/api/") else 2 for i in collected]
+    assert folder == sorted(folder) and set(folder) == {0, 1, 2}
+
+
+def _fake_sanitizer(folder: Path, output: str, rc: int) -> None:
+    folder.mkdir()
+    tool = folder / "compute-sanitizer"
+    tool.write_text(f"#!/bin/sh\necho '{output}'\nexit {rc}\n")
+    tool.chmod(0o755)
+
+
+def test_a_sanitizer_that_refuses_the_device_is_unavailable_not_failed(tmp_path):
+    """"Device not supported" is UNAVAILABLE within seconds, and racecheck does not try again;
+    a sanitizer that reports errors (its --error-exitcode 3) is FAIL, errors found."""
+    refusing = tmp_path / "refusing"
+    _fake_sanitizer(refusing, "========= Error: Device not supported", 1)
+    env = {**os.environ, "PATH": f"{refusing}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "out"), "--budget", "120", "--stages",
+                           "memcheck,racecheck", "--python", sys.executable], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert done.returncode != 0
+    for stage in ("memcheck", "racecheck"):
+        row = re.search(rf"^\| {stage} \| (\w+) \| (\d+) \|.*$", summary, flags=re.M)
+        assert row and row.group(1) == "UNAVAILABLE" and int(row.group(2)) < 30, summary
+        assert "compute-sanitizer unavailable on this device" in row.group(0)
+    finding = tmp_path / "finding"
+    _fake_sanitizer(finding, "========= ERROR SUMMARY: 2 errors", 3)
+    env["PATH"] = f"{finding}:{os.environ['PATH']}"
+    subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "out3"), "--budget", "60", "--stages", "memcheck",
+                    "--python", sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    row = re.search(r"^\| memcheck \| (\w+) \|.*$", (tmp_path / "out3" / "summary.md").read_text(), flags=re.M)
+    assert row and row.group(1) == "FAIL" and "errors found" in row.group(0)
+
+
+def test_the_summary_names_the_tests_a_cut_short_run_did_not_reach(tmp_path):
+    collected = tmp_path / "pytest-gpu-collected.txt"
+    collected.write_text("tests/test_k.py::test_ok[0]\ntests/test_k.py::test_bad[0]\n"
+                         "tests/test_k.py::test_late[0]\ntests/sub/test_m.py::TestX::test_y[a.b]\n")
+    _junit(tmp_path / "pytest-gpu.xml", passed=1, failed=1, collection_error=False)
+    total, missing = tools.not_reached(collected, tmp_path / "pytest-gpu.xml", tmp_path / "pytest-gpu.log")
+    assert (total, missing) == (4, ["tests/test_k.py::test_late[0]", "tests/sub/test_m.py::TestX::test_y[a.b]"])
+    (tmp_path / "pytest-gpu.xml").unlink()
+    (tmp_path / "pytest-gpu.log").write_text("[gw0] [ 25%] PASSED tests/sub/test_m.py::TestX::test_y[a.b]\n")
+    total, missing = tools.not_reached(collected, tmp_path / "pytest-gpu.xml", tmp_path / "pytest-gpu.log")
+    assert missing == ["tests/test_k.py::test_ok[0]", "tests/test_k.py::test_bad[0]", "tests/test_k.py::test_late[0]"]
+    lines = tools._section_pytest(tmp_path, "pytest-gpu")
+    assert "Not reached (3 of 4 collected; the run was cut short):" in lines and "- tests/test_k.py: 3" in lines
