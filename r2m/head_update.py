@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from .config import R2MConfig
 from .loss import GREBTLoss
-from .reward_model import R2MRewardModel, noise_like
+from .ablations import noise_like
+from .reward_model import R2MRewardModel
 
 
 def _world_size() -> int:

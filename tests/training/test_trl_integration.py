@@ -11,7 +11,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from r2m import R2MConfig  # noqa: E402
 from r2m.config import MODES  # noqa: E402
-from r2m.reward_model import noise_like  # noqa: E402
+from r2m.ablations import noise_like  # noqa: E402
 
 from tests.support.trl_tiny import make_trainer, metrics, save_tiny_models, snapshot  # noqa: E402
 
