@@ -97,14 +97,11 @@ class HeadUpdate:
 
     @torch.no_grad()
     def reward_terms(self, rte, hidden, attention_mask, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The R2M reward split as reward = head term + RM term + b (docs/design.md §1.2):
-        head term (1 - omega) w.H_hat, RM term omega w.rte, with w the head's current score
-        weight; each (B,) fp32. Only for modes that read hidden states."""
+        """R2MHead.reward_terms on the head's input in this mode: the head term and the RM term
+        of the reward, each (B,) fp32. Only for modes that read hidden states."""
         if not self.config.reads_hidden_states:
             raise ValueError(f"mode {self.config.mode!r} has no head term")
-        h_hat = self.head.attend(rte, self.head_input(hidden, attention_mask), mask=attention_mask)
-        w = self.head.score.weight.squeeze(0)
-        return ((1.0 - omega) * (h_hat.float() @ w.float()), omega * (rte.float() @ w.float()))
+        return self.head.reward_terms(rte, self.head_input(hidden, attention_mask), mask=attention_mask, omega=omega)
 
     def step(self, rte, hidden, attention_mask, omega: float, group_size: int) -> dict:
         """GREBT on this process's rows (B_local, ...) within the whole batch's groups of
