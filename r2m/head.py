@@ -43,7 +43,7 @@ class R2MHead(nn.Module):
         check_int("num_heads", num_heads, low=1)
         if attn_dim % num_heads:
             raise ValueError(f"attn_dim = {attn_dim} must be divisible by num_heads = {num_heads}")
-        self.omega_floor = check_scalar("omega_floor", omega_floor, low=0.0, high=1.0)
+        self.omega_floor = omega_floor  # validated by the setter
         self.total_steps = None if total_steps is None else check_int("total_steps", total_steps, low=1)
         self.backend = backend  # validated by the setter
         self.rm_dim, self.policy_dim, self.attn_dim, self.num_heads = rm_dim, policy_dim, attn_dim, num_heads
@@ -62,6 +62,14 @@ class R2MHead(nn.Module):
         if value not in HEAD_BACKENDS:
             raise ValueError(f"backend must be one of {HEAD_BACKENDS}, got {value!r}")
         self._backend = value
+
+    @property
+    def omega_floor(self) -> float:
+        return self._omega_floor
+
+    @omega_floor.setter
+    def omega_floor(self, value: float) -> None:
+        self._omega_floor = check_scalar("omega_floor", value, low=0.0, high=1.0)
 
     @property
     def head_dim(self) -> int:

@@ -68,13 +68,13 @@ class HeadUpdate:
     `r2m-frozen` evaluates the loss without a step; `noise` feeds the head noise with the hidden
     states' per-feature statistics; `bt-only` / `gre-only` fix the mix alpha; `iterative-head`
     (the paper's Iterative RMHead baseline) rewards with the head's score phi on the RTE alone
-    and trains phi only."""
+    and trains phi only. The head's own settings (backend, omega_floor) are read from the head.
+    """
 
     def __init__(self, reward_model: R2MRewardModel, config: R2MConfig):
         self.reward_model, self.config = reward_model, config
         self.head = reward_model.head
-        self.head.backend = config.head_backend
-        loss_backend = "auto" if config.head_backend == "eager" else config.head_backend
+        loss_backend = "auto" if self.head.backend == "eager" else self.head.backend  # GREBT follows the head
         self.loss = GREBTLoss(alpha=config.alpha, backend=loss_backend)
         trained = self.head.score if config.mode == "iterative-head" else self.head
         self.optimizer = torch.optim.AdamW(trained.parameters(), lr=config.head_learning_rate)

@@ -101,9 +101,9 @@ class R2MTrainerMixin:
     """The R2M part of `R2MGRPOTrainer` and `R2MRLOOTrainer`; see the module docstring.
 
     reward_model: an R2MRewardModel whose head reads the policy's hidden size. r2m_config: the
-    R2M section (mode, head). judge: optional, a function in TRL's reward-function form
-    (prompts=, completions=, completion_ids=, dataset columns as keywords) -> list of floats, a
-    gold reward that is logged (`r2m/gold_reward`), never optimised. reward_funcs: further TRL
+    R2M section (mode, head; its omega_floor and head_backend are set on reward_model.head).
+    judge: optional, a function in TRL's reward-function form (prompts=, completions=,
+    completion_ids=, dataset columns as keywords) -> list of floats, a gold reward that is logged (`r2m/gold_reward`), never optimised. reward_funcs: further TRL
     reward functions, after the R2M reward (weights in `args.reward_weights`, R2M's first).
     """
 
@@ -123,6 +123,7 @@ class R2MTrainerMixin:
             raise ValueError(f"reward_model's head reads hidden states of size {reward_model.head.k_proj.in_features}; "
                              f"the policy's hidden size is {policy_dim}")
         self._check_save_steps()
+        self.r2m_config.configure_head(reward_model.head)
         reward_model.to(self.accelerator.device)
         broadcast_parameters(reward_model.head)
         self.head_update = HeadUpdate(reward_model, self.r2m_config)
@@ -151,7 +152,7 @@ class R2MTrainerMixin:
                              "gradient_accumulation_steps), so that a resumed run continues exactly")
 
     def _r2m_omega(self) -> float:
-        return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.r2m_config.omega_floor)
+        return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.reward_model.head.omega_floor)
 
     def _trl_makes_old_logps_pass(self) -> bool:
         raise NotImplementedError

@@ -249,6 +249,30 @@ def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):
                        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
 
 
+def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_path):
+    """omega_floor and head_backend reach the head once, from R2MConfig through the trainer, and
+    are read from the head: the schedule's floor, the GREBT loss's backend."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from r2m import R2MRewardModel
+    from r2m.integrations.trl import R2MGRPOTrainer
+
+    from tests.support.trl_tiny import POLICY_DIM, trl_config
+
+    rm = R2MRewardModel.from_sequence_classifier(
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, attn_dim=8,
+        omega_floor=0.9, backend="torch")
+    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
+                             r2m_config=R2MConfig(omega_floor=0.45, head_backend="eager"),
+                             train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
+    assert (rm.head.omega_floor, rm.head.backend, trainer.head_update.loss.backend) == (0.45, "eager", "auto")
+    trainer.state.global_step, trainer.state.max_steps = 3, 3
+    assert trainer._r2m_omega() == 0.45
+    with pytest.raises(ValueError, match="omega_floor"):
+        rm.head.omega_floor = 1.5
+
+
 @pytest.mark.parametrize("values, field_name", [
     (dict(mode="gold"), "mode"), (dict(attn_dim=0), "attn_dim"), (dict(num_heads=1.5), "num_heads"),
     (dict(head_learning_rate=0.0), "head_learning_rate"), (dict(omega_floor=1.5), "omega_floor"),
