@@ -31,7 +31,13 @@ class UsageError(ValueError):
 
 @dataclass
 class R2MConfig:
-    """What R2M adds to a TRL run. Validated on construction: a ValueError names the field."""
+    """What R2M adds to a TRL run. Validated on construction: a ValueError names the field.
+
+    The head's settings belong to the R2MHead; this section only carries them to it, each by one
+    route: attn_dim and num_heads are the shape of the head that `r2m train` and `r2m experiment`
+    build; omega_floor and head_backend are set on the reward model's head once, by the trainer
+    (`configure_head`), and read from the head after that.
+    """
 
     _argument_group_name = "R2M"
 
@@ -70,6 +76,11 @@ class R2MConfig:
             raise ValueError(f"head_learning_rate must be > 0; got {self.head_learning_rate!r}")
         if self.attn_dim % self.num_heads:
             raise ValueError(f"attn_dim ({self.attn_dim}) must be divisible by num_heads ({self.num_heads})")
+
+    def configure_head(self, head) -> None:
+        """Set this run's omega_floor and head_backend on `head` (an R2MHead)."""
+        head.omega_floor = self.omega_floor
+        head.backend = self.head_backend
 
     @property
     def alpha(self) -> float:

@@ -43,7 +43,7 @@ class R2MHead(nn.Module):
         check_int("num_heads", num_heads, low=1)
         if attn_dim % num_heads:
             raise ValueError(f"attn_dim = {attn_dim} must be divisible by num_heads = {num_heads}")
-        self.omega_floor = check_scalar("omega_floor", omega_floor, low=0.0, high=1.0)
+        self.omega_floor = omega_floor  # validated by the setter
         self.total_steps = None if total_steps is None else check_int("total_steps", total_steps, low=1)
         self.backend = backend  # validated by the setter
         self.rm_dim, self.policy_dim, self.attn_dim, self.num_heads = rm_dim, policy_dim, attn_dim, num_heads
@@ -62,6 +62,14 @@ class R2MHead(nn.Module):
         if value not in HEAD_BACKENDS:
             raise ValueError(f"backend must be one of {HEAD_BACKENDS}, got {value!r}")
         self._backend = value
+
+    @property
+    def omega_floor(self) -> float:
+        return self._omega_floor
+
+    @omega_floor.setter
+    def omega_floor(self, value: float) -> None:
+        self._omega_floor = check_scalar("omega_floor", value, low=0.0, high=1.0)
 
     @property
     def head_dim(self) -> int:
@@ -100,11 +108,11 @@ class R2MHead(nn.Module):
             raise ValueError("step needs total_steps: construct R2MHead(..., total_steps=T) or pass omega")
         return omega_schedule(step, self.total_steps, self.omega_floor)
 
-    def _check(self, rte, hidden, mask, cu_seqlens, *, sequences: bool) -> None:
-        """The head's own checks (rte, policy_dim, devices). `sequences`: also validate hidden,
-        mask and cu_seqlens, which attention_pool otherwise does (the eager path has no
-        attention_pool call)."""
-        if sequences:
+    def _check(self, rte, hidden, mask, cu_seqlens) -> None:
+        """The head's own checks (rte, policy_dim, devices). The eager backend also validates
+        hidden, mask and cu_seqlens here: it calls no attention_pool, which validates them on
+        the other backends."""
+        if self.backend == "eager":
             batch = validate_sequences(hidden, mask, cu_seqlens)[0]
         else:
             batch = _sequence_count(hidden, mask, cu_seqlens)
@@ -143,14 +151,19 @@ class R2MHead(nn.Module):
                                             cu_seqlens=cu_seqlens, backend=self.backend)
         return torch.einsum("bjp,jdp->bjd", pooled.to(w_v.dtype), w_v)
 
-    def attend(self, rte, hidden, *, mask=None, cu_seqlens=None) -> torch.Tensor:
-        """H_hat (B, rm_dim) in the parameters' dtype: the attention block's output."""
-        self._check(rte, hidden, mask, cu_seqlens, sequences=self.backend == "eager")
+    def _attended(self, rte, hidden, mask, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, rte): the attended vector c = concat_j(c_j) (B, attn_dim) and rte, both in the
+        parameters' dtype. The one place the inputs are checked."""
+        self._check(rte, hidden, mask, cu_seqlens)
         rte = rte.to(self.q_proj.weight.dtype)
         q = self.q_proj(rte).view(rte.shape[0], self.num_heads, self.head_dim)
         attend = self._attend_eager if self.backend == "eager" else self._attend_folded
         c = attend(q, hidden, mask, cu_seqlens)
-        return self.o_proj(c.reshape(rte.shape[0], self.attn_dim).to(self.o_proj.weight.dtype))
+        return c.reshape(rte.shape[0], self.attn_dim).to(self.o_proj.weight.dtype), rte
+
+    def attend(self, rte, hidden, *, mask=None, cu_seqlens=None) -> torch.Tensor:
+        """H_hat (B, rm_dim) in the parameters' dtype: the attention block's output."""
+        return self.o_proj(self._attended(rte, hidden, mask, cu_seqlens)[0])
 
     def embed(self, rte, hidden, *, mask=None, cu_seqlens=None, step=None, omega=None) -> torch.Tensor:
         """H_fin = (1 - omega) H_hat + omega rte, (B, rm_dim) in the parameters' dtype.
@@ -165,24 +178,31 @@ class R2MHead(nn.Module):
         """Rewards (B,): fp32 (fp64 for a head cast to fp64). At omega = 1 (step 0) this
         equals score(rte) exactly, the original reward model's reward.
 
-        "eager" scores H_fin as the paper writes it. The other backends never form H_fin:
-        r2m_kernels.score_mix takes the attended vector c straight to the reward,
+        "eager" scores H_fin (embed) as the paper writes it. The other backends never form
+        H_fin: r2m_kernels.score_mix takes the attended vector c straight to the reward,
         phi((1 - omega) c W_o^T + omega rte) = (1 - omega) c . (W_o^T w) + omega rte . w + b."""
         omega_t = self.resolve_omega(step, omega)
         if self.backend == "eager":
             rewards = self.score(self.embed(rte, hidden, mask=mask, cu_seqlens=cu_seqlens, omega=omega_t))
             rewards = rewards.squeeze(-1)
             return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-        self._check(rte, hidden, mask, cu_seqlens, sequences=False)
-        rte = rte.to(self.q_proj.weight.dtype)
-        q = self.q_proj(rte).view(rte.shape[0], self.num_heads, self.head_dim)
-        attended = self._attend_folded(q, hidden, mask, cu_seqlens).reshape(rte.shape[0], self.attn_dim)
+        attended, rte = self._attended(rte, hidden, mask, cu_seqlens)
         # At omega = 1 the torch op is F.linear(rte, 1 * w, b) + 0, bitwise nn.Linear's
         # score(rte); a fused kernel's dot product rounds differently, so omega = 1 (step 0)
         # always takes the torch op, whatever the backend.
         mix_backend = "torch" if omega_t == 1.0 else self.backend
-        return r2m_kernels.score_mix(attended.to(self.o_proj.weight.dtype), rte, self.o_proj.weight,
-                                     self.score.weight, self.score.bias, omega=omega_t, backend=mix_backend)
+        return r2m_kernels.score_mix(attended, rte, self.o_proj.weight, self.score.weight, self.score.bias,
+                                     omega=omega_t, backend=mix_backend)
+
+    def reward_terms(self, rte, hidden, *, mask=None, cu_seqlens=None, step=None,
+                     omega=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward split as reward = head term + RM term + b (docs/design.md §1.2): the head
+        term (1 - omega) w . H_hat and the RM term omega w . rte, with w the score's weight;
+        each (B,) fp32. Arguments as forward's."""
+        omega_t = self.resolve_omega(step, omega)
+        h_hat = self.attend(rte, hidden, mask=mask, cu_seqlens=cu_seqlens)
+        w = self.score.weight.squeeze(0).float()
+        return (1.0 - omega_t) * (h_hat.float() @ w), omega_t * (rte.float() @ w)
 
 
 def _sequence_count(hidden, mask, cu_seqlens) -> int:

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from .config import R2MConfig
 from .loss import GREBTLoss
-from .reward_model import R2MRewardModel, noise_like
+from .ablations import noise_like
+from .reward_model import R2MRewardModel
 
 
 def _world_size() -> int:
@@ -67,13 +68,13 @@ class HeadUpdate:
     `r2m-frozen` evaluates the loss without a step; `noise` feeds the head noise with the hidden
     states' per-feature statistics; `bt-only` / `gre-only` fix the mix alpha; `iterative-head`
     (the paper's Iterative RMHead baseline) rewards with the head's score phi on the RTE alone
-    and trains phi only."""
+    and trains phi only. The head's own settings (backend, omega_floor) are read from the head.
+    """
 
     def __init__(self, reward_model: R2MRewardModel, config: R2MConfig):
         self.reward_model, self.config = reward_model, config
         self.head = reward_model.head
-        self.head.backend = config.head_backend
-        loss_backend = "auto" if config.head_backend == "eager" else config.head_backend
+        loss_backend = "auto" if self.head.backend == "eager" else self.head.backend  # GREBT follows the head
         self.loss = GREBTLoss(alpha=config.alpha, backend=loss_backend)
         trained = self.head.score if config.mode == "iterative-head" else self.head
         self.optimizer = torch.optim.AdamW(trained.parameters(), lr=config.head_learning_rate)
@@ -96,14 +97,11 @@ class HeadUpdate:
 
     @torch.no_grad()
     def reward_terms(self, rte, hidden, attention_mask, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The R2M reward split as reward = head term + RM term + b (docs/design.md §1.2):
-        head term (1 - omega) w.H_hat, RM term omega w.rte, with w the head's current score
-        weight; each (B,) fp32. Only for modes that read hidden states."""
+        """R2MHead.reward_terms on the head's input in this mode: the head term and the RM term
+        of the reward, each (B,) fp32. Only for modes that read hidden states."""
         if not self.config.reads_hidden_states:
             raise ValueError(f"mode {self.config.mode!r} has no head term")
-        h_hat = self.head.attend(rte, self.head_input(hidden, attention_mask), mask=attention_mask)
-        w = self.head.score.weight.squeeze(0)
-        return ((1.0 - omega) * (h_hat.float() @ w.float()), omega * (rte.float() @ w.float()))
+        return self.head.reward_terms(rte, self.head_input(hidden, attention_mask), mask=attention_mask, omega=omega)
 
     def step(self, rte, hidden, attention_mask, omega: float, group_size: int) -> dict:
         """GREBT on this process's rows (B_local, ...) within the whole batch's groups of

@@ -1,5 +1,4 @@
-"""R2MRewardModel: a frozen reward model (backbone + linear score head) plus a trainable R2MHead;
-noise_like, the input of the paper's noise ablation."""
+"""R2MRewardModel: a frozen reward model (backbone + linear score head) plus a trainable R2MHead."""
 
 from __future__ import annotations
 
@@ -11,41 +10,7 @@ import torch.nn as nn
 
 from .head import R2MHead
 from .messages import message_text
-
-
-def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last nonzero position of each row of a (B, S) mask; works for left,
-    right or no padding. A row without a valid position is an error."""
-    valid = attention_mask.bool()
-    if not bool(valid.any(-1).all()):
-        raise ValueError("attention_mask has a row with no valid token")
-    positions = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
-    return torch.where(valid, positions, -1).amax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over valid tokens only, so a left-padded row gets the positions it would
-    have unpadded (what transformers' generate does; a plain forward would count the pads)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when two tokenizers turn text into the same ids with the same chat template."""
-    if a is b:
-        return True
-    if a is None or b is None:
-        return False
-    return (a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
-            and a.all_special_tokens == b.all_special_tokens)
-
-
-def noise_like(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Gaussian noise shaped like `hidden` (B, S, D) with its per-feature mean and standard
-    deviation over the valid positions of `attention_mask` (B, S): the paper's ablation that
-    feeds the head noise instead of the policy's hidden states."""
-    valid = hidden[attention_mask.bool()].float()
-    noise = torch.randn(hidden.shape, device=hidden.device) * valid.std(0) + valid.mean(0)
-    return noise.to(hidden.dtype)
+from .tokens import last_valid_index, position_ids_from_mask, same_tokenizer
 
 
 class R2MRewardModel(nn.Module):
@@ -100,9 +65,6 @@ class R2MRewardModel(nn.Module):
         """Only the head changes mode; the frozen RM stays in eval mode (no dropout)."""
         self.head.train(mode)
         return self
-
-    def clear_cache(self) -> None:
-        self._rte_cache.clear()
 
     def share_cache(self, cache: OrderedDict) -> None:
         """Use `cache` (an OrderedDict, possibly another R2MRewardModel's) for the RTEs: valid

@@ -142,7 +142,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     rm = R2MRewardModel.from_sequence_classifier(
         rm_model, policy_config.get_text_config().hidden_size,
         tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source),
-        attn_dim=r2m_config.attn_dim, num_heads=r2m_config.num_heads, omega_floor=r2m_config.omega_floor)
+        attn_dim=r2m_config.attn_dim, num_heads=r2m_config.num_heads)
     trainer_cls = R2MRLOOTrainer if script.trainer == "rloo" else R2MGRPOTrainer
     trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": prompts}))

@@ -123,6 +123,21 @@ def test_step_omega_and_evaluation_weights():
         head(rte, hidden, omega=1.5)
 
 
+@pytest.mark.parametrize("backend", ["eager", *FOLDED])
+def test_reward_terms_add_up_to_the_reward(backend):
+    """head term + RM term + b is the reward; at omega = 1 the head term is zero."""
+    head = make_head(omega_floor=0.4, total_steps=10, backend=backend, dtype=torch.float32)
+    rte, hidden = torch.randn(3, 11), torch.randn(3, 6, 13)
+    mask = make_mask(3, 6, "mixed")
+    for kwargs in (dict(omega=0.3), dict(step=4), {}):
+        head_term, rm_term = head.reward_terms(rte, hidden, mask=mask, **kwargs)
+        assert head_term.dtype == rm_term.dtype == torch.float32 and head_term.shape == (3,)
+        torch.testing.assert_close(head_term + rm_term + head.score.bias, head(rte, hidden, mask=mask, **kwargs))
+    head_term, rm_term = head.reward_terms(rte, hidden, mask=mask, omega=1.0)
+    assert not head_term.any()
+    torch.testing.assert_close(rm_term + head.score.bias, head.score(rte).squeeze(-1))
+
+
 def test_16bit_inputs_fp32_parameters_and_rewards():
     head = R2MHead(11, 13, 12, 3)
     rte, hidden = torch.randn(4, 11).half(), torch.randn(4, 6, 13).bfloat16()

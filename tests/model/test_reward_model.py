@@ -9,7 +9,7 @@ from transformers import LlamaForSequenceClassification
 
 from r2m import R2MRewardModel
 from r2m.experiment.tiny import tiny_llama_config, tiny_reward_backbone, tiny_tokenizer
-from r2m.reward_model import last_valid_index
+from r2m.tokens import last_valid_index
 
 POLICY_DIM = 20
 

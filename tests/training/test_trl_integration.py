@@ -11,7 +11,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from r2m import R2MConfig  # noqa: E402
 from r2m.config import MODES  # noqa: E402
-from r2m.reward_model import noise_like  # noqa: E402
+from r2m.ablations import noise_like  # noqa: E402
 
 from tests.support.trl_tiny import make_trainer, metrics, save_tiny_models, snapshot  # noqa: E402
 
@@ -28,12 +28,17 @@ class Recorder:
 
     def __init__(self, trainer):
         self.trainer, self.scorings, self.updates, self.heads, self.policies = trainer, [], [], [], []
-        update = trainer.head_update
-        rewards, step = update.rewards, update.step
+        update, rm = trainer.head_update, trainer.reward_model
+        rewards, step, rm_inputs = update.rewards, update.step, rm.rm_inputs
+        policy_ids = []
+
+        def record_rm_inputs(*args, input_ids, **kwargs):  # the policy's token ids of the batch being scored
+            policy_ids.append(input_ids)
+            return rm_inputs(*args, input_ids=input_ids, **kwargs)
 
         def record_rewards(rte, hidden, mask, omega):
             out = rewards(rte, hidden, mask, omega)
-            self.scorings.append(dict(ids=trainer._r2m_scoring.input_ids.clone(), mask=mask.clone(), rte=rte.clone(),
+            self.scorings.append(dict(ids=policy_ids.pop().clone(), mask=mask.clone(), rte=rte.clone(),
                                       hidden=None if hidden is None else hidden.clone(), omega=omega, rewards=out,
                                       rm_rewards=trainer.reward_model.static_reward(rte)))
             return out
@@ -43,7 +48,7 @@ class Recorder:
                                      group_size=group_size))
             return step(rte, hidden, mask, omega, group_size)
 
-        update.rewards, update.step = record_rewards, record_step
+        update.rewards, update.step, rm.rm_inputs = record_rewards, record_step, record_rm_inputs
         update.optimizer.register_step_post_hook(lambda *a: self.heads.append(snapshot(trainer.reward_model.head)))
         recorder = self
 
@@ -198,6 +203,18 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
+class FilesOnSave(TrainerCallback):
+    """The files in each checkpoint folder when on_save reaches this callback."""
+
+    def __init__(self):
+        self.names = []
+
+    def on_save(self, args, state, control, **kwargs):
+        from pathlib import Path
+
+        self.names.append({p.name for p in (Path(args.output_dir) / f"checkpoint-{state.global_step}").iterdir()})
+
+
 def test_resume_continues_exactly(models, tmp_path):
     """A run stopped after its checkpoint at step 2 and resumed from it logs the metrics of the
     uninterrupted run at steps 3 and 4 and ends with the same head; resuming in another mode or
@@ -206,10 +223,13 @@ def test_resume_continues_exactly(models, tmp_path):
     straight, straight_rm = make_trainer(models, "grpo", tmp_path / "a", **settings)
     straight.train()
     stopped, _ = make_trainer(models, "grpo", tmp_path / "b", **settings)
+    on_save = FilesOnSave()
     stopped.add_callback(StopAfter(2))
+    stopped.add_callback(on_save)
     stopped.train()
     checkpoint = tmp_path / "b" / "checkpoint-2"
     assert {"r2m_head.safetensors", "r2m_state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"r2m_head.safetensors", "r2m_state.pt"} <= on_save.names[0]  # other callbacks see it complete
     resumed, resumed_rm = make_trainer(models, "grpo", tmp_path / "b", **settings)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -226,6 +246,26 @@ def test_resume_continues_exactly(models, tmp_path):
     longer, _ = make_trainer(models, "grpo", tmp_path / "d", **dict(settings, max_steps=6))
     with pytest.raises(ValueError, match="max_steps=4 .* max_steps=6"):
         longer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_the_pi_old_pass_is_the_first_policy_forward_after_generation(models, tmp_path):
+    """The scoring takes TRL's first policy forward after generation for its pi_old pass, unless
+    that forward is the only one and TRL makes its reference pass with the policy (a PEFT
+    policy: beta != 0, no ref_model); then it makes its own no-grad forward."""
+    from r2m.integrations.trl.trainers import _Generation, _PolicyForward
+
+    from tests.support.trl_tiny import POLICY_DIM
+
+    trainer, _ = make_trainer(models, "grpo", tmp_path)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    seen = _PolicyForward(ids, torch.ones_like(ids), torch.zeros(2, 3, POLICY_DIM))
+    generation = _Generation([[5, 6], [7]], [[8], [9, 10]], [seen])
+    assert trainer._r2m_policy_states(generation) is seen and trainer._r2m_extra_forwards == 0
+    trainer.args.beta, trainer.ref_model = 0.1, None
+    own = trainer._r2m_policy_states(generation)
+    assert own.hidden.shape == (2, 4, POLICY_DIM) and trainer._r2m_extra_forwards == 1
+    generation.policy_forwards.append(None)  # a second policy forward: the first was pi_old's
+    assert trainer._r2m_policy_states(generation) is seen
 
 
 def test_checkpoints_must_fall_between_generation_batches(models, tmp_path):
@@ -247,6 +287,30 @@ def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):
     with pytest.raises(ValueError, match="hidden states of size 40; the policy's hidden size is 32"):
         R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
                        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
+
+
+def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_path):
+    """omega_floor and head_backend reach the head once, from R2MConfig through the trainer, and
+    are read from the head: the schedule's floor, the GREBT loss's backend."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from r2m import R2MRewardModel
+    from r2m.integrations.trl import R2MGRPOTrainer
+
+    from tests.support.trl_tiny import POLICY_DIM, trl_config
+
+    rm = R2MRewardModel.from_sequence_classifier(
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, attn_dim=8,
+        omega_floor=0.9, backend="torch")
+    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
+                             r2m_config=R2MConfig(omega_floor=0.45, head_backend="eager"),
+                             train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
+    assert (rm.head.omega_floor, rm.head.backend, trainer.head_update.loss.backend) == (0.45, "eager", "auto")
+    trainer.state.global_step, trainer.state.max_steps = 3, 3
+    assert trainer._r2m_omega() == 0.45
+    with pytest.raises(ValueError, match="omega_floor"):
+        rm.head.omega_floor = 1.5
 
 
 @pytest.mark.parametrize("values, field_name", [

@@ -1,0 +1,268 @@
+"""`R2MGRPOTrainer` and `R2MRLOOTrainer`: TRL's trainers plus `R2MTrainerMixin`, the R2M part.
+
+The mixin's state lives in attributes prefixed `_r2m_` (TRL's own names stay TRL's). Each value
+that has to cross TRL's calls is set in one place and taken in one place:
+- `_r2m_generation` (`_Generation`): set when TRL has generated a batch, taken by the scoring;
+  meanwhile it records the policy forwards TRL makes, the first with its hidden states;
+- `_r2m_batch` (`_ScoredBatch`): set by the scoring of a training batch, taken by its head
+  update at the end of the generation cycle; the last iteration's training forwards refresh its
+  hidden states row by row (`_r2m_capture_rows`, set around each training forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOTrainer, RLOOTrainer
+
+from ...capture import HiddenStateCapture, policy_backbone
+from ...config import R2MConfig
+from ...head_update import HeadUpdate, broadcast_parameters
+from ...metrics import pairwise_agreement
+from ...reward_model import R2MRewardModel
+from ...schedule import omega as omega_schedule
+from . import trl_internals
+from .checkpoints import SaveR2MState, load_r2m_state
+
+
+class R2MReward:
+    """The reward TRL sees: hands back the R2M rewards the trainer computed for this batch."""
+
+    __name__ = "r2m"
+
+    def __init__(self):
+        self.values: list[float] | None = None
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        values, self.values = self.values, None
+        if values is None or len(values) != len(prompts):
+            raise RuntimeError("the R2M reward is computed by R2MTrainerMixin's scoring; call it through "
+                               "an R2M trainer")
+        return values
+
+
+@dataclass(frozen=True)
+class _PolicyForward:
+    """One forward of the policy: its inputs (B, P+C) as TRL laid them out, its last-layer
+    hidden states (B, P+C, D_p), detached."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """A batch TRL has generated and not yet scored: its token ids (lists per row) and the
+    policy forwards TRL made since (None for each one after the first, which alone can be the
+    pi_old pass: TRL makes that one first)."""
+    prompt_ids: list
+    completion_ids: list
+    policy_forwards: list
+
+
+@dataclass(frozen=True)
+class _ScoredBatch:
+    """A training batch from its scoring to its head update: the RM's reward-token embeddings,
+    the policy's hidden states (None when the mode reads none), their mask, omega."""
+    rte: torch.Tensor
+    hidden: torch.Tensor | None
+    attention_mask: torch.Tensor
+    omega: float
+
+
+class R2MTrainerMixin(trl_internals.TRLOverrides):
+    """The R2M part of `R2MGRPOTrainer` and `R2MRLOOTrainer` (see `r2m.integrations.trl`).
+
+    reward_model: an R2MRewardModel whose head reads the policy's hidden size. r2m_config: the
+    R2M section (mode, head; its omega_floor and head_backend are set on reward_model.head).
+    judge: optional, a function in TRL's reward-function form (prompts=, completions=,
+    completion_ids=, dataset columns as keywords) -> list of floats, a gold reward that is
+    logged (`r2m/gold_reward`), never optimised. reward_funcs: further TRL reward functions,
+    after the R2M reward (weights in `args.reward_weights`, R2M's first).
+    """
+
+    def __init__(self, model, reward_model: R2MRewardModel, args=None, *, r2m_config: R2MConfig | None = None,
+                 judge=None, reward_funcs=None, **kwargs):
+        if not isinstance(reward_model, R2MRewardModel):
+            raise TypeError(f"reward_model must be an R2MRewardModel; got {type(reward_model).__name__}")
+        self.r2m_config = r2m_config if r2m_config is not None else R2MConfig()
+        self.r2m_config.validate()
+        self.reward_model, self.judge = reward_model, judge
+        self._r2m_reward = R2MReward()
+        extra = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
+        super().__init__(model, reward_funcs=[self._r2m_reward, *extra], args=args, **kwargs)
+
+        policy_dim = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+        if reward_model.head.k_proj.in_features != policy_dim:
+            raise ValueError(f"reward_model's head reads hidden states of size {reward_model.head.k_proj.in_features}; "
+                             f"the policy's hidden size is {policy_dim}")
+        self._r2m_check_save_steps()
+        self.r2m_config.configure_head(reward_model.head)
+        reward_model.to(self.accelerator.device)
+        broadcast_parameters(reward_model.head)
+        self.head_update = HeadUpdate(reward_model, self.r2m_config)
+        self._r2m_generation: _Generation | None = None
+        self._r2m_batch: _ScoredBatch | None = None
+        self._r2m_capture_rows: torch.Tensor | None = None
+        self._r2m_extra_forwards = 0
+        # first, so that any other callback's on_save finds the checkpoint complete
+        self.callback_handler.callbacks.insert(0, SaveR2MState(self))
+
+    # schedule ----------------------------------------------------------------------------------
+
+    def _r2m_check_save_steps(self) -> None:
+        """A checkpoint must fall between generation cycles: the batch in flight (its
+        completions and its pending head update) is not saved."""
+        cycle, gas = trl_internals.micro_steps_per_generation(self), self.args.gradient_accumulation_steps
+        if self.args.save_strategy != "steps" or cycle % gas:
+            return
+        cycle_steps = cycle // gas
+        if self.args.save_steps >= 1 and int(self.args.save_steps) % cycle_steps:
+            raise ValueError(f"save_steps ({self.args.save_steps}) must be a multiple of the optimizer steps per "
+                             f"generation batch ({cycle_steps} = steps_per_generation x num_iterations / "
+                             "gradient_accumulation_steps), so that a resumed run continues exactly")
+
+    def _r2m_omega(self) -> float:
+        return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.reward_model.head.omega_floor)
+
+    # capture -----------------------------------------------------------------------------------
+
+    def _r2m_generated(self, prompt_ids, completion_ids) -> None:
+        self._r2m_generation = _Generation(prompt_ids, completion_ids, [])
+
+    def _r2m_policy_forward(self, of_policy: bool, model, input_ids, attention_mask, forward):
+        """Run TRL's forward `forward()`; keep the hidden states of the first policy forward
+        after a generation (the pi_old pass, when TRL makes one) or of a training forward whose
+        rows `_compute_loss` marked for the head update."""
+        generation, rows = self._r2m_generation, self._r2m_capture_rows
+        observed = generation is not None and of_policy and self.r2m_config.reads_hidden_states
+        if observed and generation.policy_forwards:
+            generation.policy_forwards.append(None)
+            return forward()
+        if not observed and rows is None:
+            return forward()
+        with HiddenStateCapture(policy_backbone(model)) as capture:
+            out = forward()
+        if observed:
+            generation.policy_forwards.append(_PolicyForward(input_ids, attention_mask, capture.hidden))
+        else:
+            hidden = self._r2m_batch.hidden
+            hidden[rows] = capture.hidden.to(hidden.dtype)
+        return out
+
+    def _r2m_policy_states(self, generation: _Generation) -> _PolicyForward:
+        """The hidden states of the policy that generated the batch: TRL's pi_old pass, told
+        apart from what TRL did rather than from a copy of its conditions (it is the first
+        policy forward, unless that is the PEFT reference pass); where TRL made none, one extra
+        no-grad forward, counted in r2m/extra_forwards."""
+        forwards = generation.policy_forwards
+        if len(forwards) > trl_internals.reference_pass_runs_the_policy(self):
+            return forwards[0]
+        input_ids, attention_mask = trl_internals.generated_batch(self, generation.prompt_ids,
+                                                                  generation.completion_ids)
+        with HiddenStateCapture(policy_backbone(self.model)) as capture:
+            trl_internals.policy_forward(self, input_ids, attention_mask)
+        self._r2m_extra_forwards += 1
+        return _PolicyForward(input_ids, attention_mask, capture.hidden)
+
+    def _r2m_rows_to_recapture(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The training forward's rows (ids into the scored batch) whose hidden states refresh
+        the batch's: those of the last iteration over a batch that reads hidden states."""
+        batch = self._r2m_batch
+        if not self.model.training or rows is None or batch is None or batch.hidden is None:
+            return None
+        steps_per_generation = self.args.steps_per_generation
+        position = trl_internals.micro_step(self) % trl_internals.micro_steps_per_generation(self)
+        last_iteration = position >= steps_per_generation * (self.args.num_iterations - 1)
+        return rows if last_iteration else None
+
+    # rewards -----------------------------------------------------------------------------------
+
+    def _r2m_log_mean(self, name: str, values: torch.Tensor) -> None:
+        trl_internals.log_metric(self, name, self.accelerator.gather(values.float().reshape(-1)).mean().item())
+
+    def _r2m_score(self, inputs, prompts, completions, completion_ids_list) -> None:
+        """Compute the R2M rewards of the generated batch for the R2M reward function, log
+        R2M's metrics, and keep a training batch for its head update."""
+        generation, self._r2m_generation = self._r2m_generation, None
+        device = self.accelerator.device
+        if self.r2m_config.reads_hidden_states:
+            forward = self._r2m_policy_states(generation)
+            input_ids, attention_mask, hidden = forward.input_ids, forward.attention_mask, forward.hidden
+        else:  # no policy forward is needed; the RM may reuse the policy's tokens
+            input_ids, attention_mask = trl_internals.generated_batch(self, generation.prompt_ids,
+                                                                      generation.completion_ids)
+            hidden = None
+        rm_ids, rm_mask = self.reward_model.rm_inputs(prompts, completions, input_ids=input_ids,
+                                                      attention_mask=attention_mask,
+                                                      policy_tokenizer=trl_internals.tokenizer(self))
+        with self.accelerator.autocast():
+            rte = self.reward_model.reward_token_embeddings(rm_ids, rm_mask)
+        batch = _ScoredBatch(rte, hidden, attention_mask, self._r2m_omega())
+        rewards = self.head_update.rewards(batch.rte, batch.hidden, batch.attention_mask, batch.omega)
+        self._r2m_reward.values = rewards.tolist()
+
+        rm_rewards = self.reward_model.static_reward(rte)
+        self._r2m_log_mean("r2m/rm_reward", rm_rewards)
+        self._r2m_log_mean("r2m/omega", torch.tensor([batch.omega], device=device))
+        self._r2m_log_mean("r2m/extra_forwards", torch.tensor([float(self._r2m_extra_forwards)], device=device))
+        gold = None
+        if self.judge is not None:
+            columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
+            gold = self.judge(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
+            gold = torch.tensor([float(g) for g in gold], device=device)
+            self._r2m_log_mean("r2m/gold_reward", gold)
+        if self.model.training:
+            lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=device)
+            self._r2m_log_agreement(batch, rewards, rm_rewards, gold, lengths)
+            self._r2m_batch = batch
+
+    def _r2m_log_agreement(self, batch: _ScoredBatch, rewards, rm_rewards, gold, lengths) -> None:
+        """Within-group pairwise agreement of the reward optimised and of the frozen RM with the
+        gold reward (when there is a judge) and with the completion length, over the whole
+        gathered batch; and, when the reward reads hidden states, the head's share of the
+        within-group reward spread, sd(head term) / (sd(head term) + sd(RM term)) averaged
+        over groups (docs/design.md §1.2 for the two terms)."""
+        gather, k = self.accelerator.gather, self.args.num_generations
+        columns = {"r2m/agree_length": (rewards, lengths), "r2m/rm_agree_length": (rm_rewards, lengths)}
+        if gold is not None:
+            columns.update({"r2m/agree_gold": (rewards, gold), "r2m/rm_agree_gold": (rm_rewards, gold)})
+        for name, (scores, truth) in columns.items():
+            fraction, pairs = pairwise_agreement(gather(scores.float()), gather(truth.float()), k)
+            if pairs:
+                trl_internals.log_metric(self, name, fraction)
+        if self.r2m_config.reads_hidden_states:
+            head, rm = (gather(t) for t in self.head_update.reward_terms(batch.rte, batch.hidden,
+                                                                         batch.attention_mask, batch.omega))
+            spread_head, spread_rm = head.view(-1, k).std(-1), rm.view(-1, k).std(-1)
+            total = spread_head + spread_rm
+            if bool((total > 0).any()):
+                trl_internals.log_metric(self, "r2m/head_share", (spread_head / total)[total > 0].mean().item())
+
+    # head update -------------------------------------------------------------------------------
+
+    def _r2m_generation_batch_done(self) -> None:
+        """The last micro-step over the batch has run: one GREBT step on the head with its
+        groups of K completions."""
+        batch, self._r2m_batch = self._r2m_batch, None
+        if batch is None or not self.r2m_config.uses_head:
+            return
+        result = self.head_update.step(batch.rte, batch.hidden, batch.attention_mask, batch.omega,
+                                       self.args.num_generations)
+        trl_internals.log_metric(self, "r2m/grebt_loss", result["loss"])
+        trl_internals.log_metric(self, "r2m/update_ms", result["ms"])
+
+    # checkpoints (saved by the SaveR2MState callback) --------------------------------------------
+
+    def _r2m_load_checkpoint(self, checkpoint) -> None:
+        load_r2m_state(self, checkpoint)
+
+
+class R2MGRPOTrainer(R2MTrainerMixin, GRPOTrainer):
+    """TRL's GRPOTrainer trained against an R2M reward model: R2MGRPOTrainer(model, reward_model,
+    args=GRPOConfig(...), r2m_config=R2MConfig(...), train_dataset=..., judge=None, ...)."""
+
+
+class R2MRLOOTrainer(R2MTrainerMixin, RLOOTrainer):
+    """TRL's RLOOTrainer trained against an R2M reward model; arguments as R2MGRPOTrainer's."""
