@@ -70,8 +70,9 @@ class R2MConfig:
         for name, low, high in (("head_learning_rate", 0.0, math.inf), ("omega_floor", 0.0, 1.0),
                                 ("grebt_alpha", 0.0, 1.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"{name} must be a number in [{low}, {high}]; got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not low <= value <= high):
+                raise ValueError(f"{name} must be a finite number in [{low}, {high}]; got {value!r}")
         if not self.head_learning_rate > 0:
             raise ValueError(f"head_learning_rate must be > 0; got {self.head_learning_rate!r}")
         if self.attn_dim % self.num_heads:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import types
 import typing
 import warnings
 
 from ..config import DEVICES, UsageError
 
-__all__ = ["DEVICES", "UsageError", "check_yaml", "choice", "make_parser", "prescan", "runs_on_cpu"]
+__all__ = ["DEVICES", "UsageError", "check_finite", "check_yaml", "choice", "make_parser", "prescan", "runs_on_cpu"]
 
 
 def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
@@ -32,13 +33,28 @@ def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
                 # default: a FutureWarning at every parse that the user can do nothing about.
                 warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
                 try:
-                    return super().parse_args_and_config(*args, **kwargs)
+                    parsed = super().parse_args_and_config(*args, **kwargs)
                 except (ValueError, TypeError) as e:
                     raise UsageError(str(e).strip().splitlines()[0]) from None
+            for section in parsed:
+                check_finite(section)
+            return parsed
 
     parser = OneLineErrors(dataclass_types, prog=prog, description=description)
     parser.set_defaults(**defaults)
     return parser
+
+
+def check_finite(section) -> None:
+    """A UsageError naming the first float setting of a parsed dataclass that is inf or nan:
+    argparse's float() accepts both, and no setting of r2m's or TRL's means anything with them
+    (an infinite learning rate trains to NaN rewards and still exits 0)."""
+    if not dataclasses.is_dataclass(section):
+        return
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{f.name}: {value} is not a finite number")
 
 
 def prescan(argv: list[str], names: tuple[str, ...], switches: tuple[str, ...] = ()) -> tuple[dict, dict]:

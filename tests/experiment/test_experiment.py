@@ -128,6 +128,8 @@ def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
     (["--preset", "huge"], ["preset: 'huge'"]),
     (["--max_steps", "0"], ["max_steps"]),
     (["--rm_layers", "5"], ["rm_layers must be in [1, 2]; got 5"]),
+    (["--label_noise", "inf"], ["label_noise: inf is not a finite number"]),
+    (["--brevity_bias", "nan"], ["brevity_bias: nan is not a finite number"]),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     assert main(command(tmp_path / "out", tmp_path / "models", *extra)) == 2

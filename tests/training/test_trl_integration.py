@@ -315,7 +315,8 @@ def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_
 
 @pytest.mark.parametrize("values, field_name", [
     (dict(mode="gold"), "mode"), (dict(attn_dim=0), "attn_dim"), (dict(num_heads=1.5), "num_heads"),
-    (dict(head_learning_rate=0.0), "head_learning_rate"), (dict(omega_floor=1.5), "omega_floor"),
+    (dict(head_learning_rate=0.0), "head_learning_rate"), (dict(head_learning_rate=float("inf")), "head_learning_rate"),
+    (dict(omega_floor=float("nan")), "omega_floor"), (dict(omega_floor=1.5), "omega_floor"),
     (dict(grebt_alpha=-0.1), "grebt_alpha"), (dict(head_backend="fast"), "head_backend"),
     (dict(attn_dim=10, num_heads=3), "attn_dim"),
 ])
