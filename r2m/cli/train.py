@@ -48,8 +48,15 @@ def parse(argv: list[str]):
 
     from ..config import R2MConfig
 
-    from_yaml, picked = prescan(argv, ("trainer", "device", "policy"))
+    from_yaml, picked = prescan(argv, ("trainer", "device", "policy", "num_generations"))
     trainer = choice("trainer", picked["trainer"], TRAINERS)
+    try:
+        num_generations = int(picked["num_generations"])
+    except (TypeError, ValueError):  # not given, or not an integer: argparse reports the latter
+        num_generations = None
+    if num_generations is not None and num_generations < 2:  # TRL's own check names no flag
+        raise UsageError(f"num_generations must be at least 2: R2M compares the completions of one prompt; "
+                         f"got {num_generations}")
     on_cpu = runs_on_cpu(picked["device"])
     sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
     check_yaml(from_yaml, sections)
@@ -125,6 +132,8 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
+    from r2m_kernels import BackendUnavailableError
+
     from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
     from ..reward_model import R2MRewardModel
 
@@ -144,8 +153,11 @@ def train(script: TrainArguments, r2m_config, args) -> int:
         tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source),
         attn_dim=r2m_config.attn_dim, num_heads=r2m_config.num_heads)
     trainer_cls = R2MRLOOTrainer if script.trainer == "rloo" else R2MGRPOTrainer
-    trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}))
+    try:
+        trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": prompts}))
+    except (ValueError, BackendUnavailableError) as e:  # TRL's and R2M's checks of the settings together
+        raise UsageError(str(e).strip().splitlines()[0]) from None
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
     if trainer.accelerator.is_main_process:

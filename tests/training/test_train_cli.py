@@ -32,10 +32,12 @@ def log_history(out):
 
 
 def fails_with(argv, capsys, *needles):
-    """main(argv) exits 2 with one line on stderr that contains every needle."""
+    """main(argv) exits 2 with one error line on stderr that contains every needle (before it
+    only transformers' progress bars, where the models were loaded before the check failed)."""
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("r2m train: error: "), err
+    *before, err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("Loading weights") or not line.strip() for line in before), before
+    assert err.startswith("r2m train: error: "), err
     for needle in needles:
         assert needle in err, err
     return err
@@ -87,6 +89,9 @@ def test_rloo_from_a_yaml_file(models, tmp_path):
     (["--trainer", "ppo"], ["trainer: 'ppo'"]),
     (["--device", "tpu"], ["device: 'tpu'"]),
     (["--no_such_flag", "1"], ["--no_such_flag"]),
+    (["--num_generations", "1"], ["num_generations must be at least 2", "got 1"]),
+    (["--save_steps", "1", "--num_iterations", "2"], ["save_steps (1) must be a multiple"]),
+    (["--head_backend", "cuda"], ["head_backend='cuda' cannot run on cpu", "cuda"]),
 ])
 def test_bad_flags(models, tmp_path, capsys, extra, needles):
     fails_with(command(models, tmp_path) + extra, capsys, *needles)

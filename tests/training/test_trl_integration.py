@@ -313,6 +313,24 @@ def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_
         rm.head.omega_floor = 1.5
 
 
+def test_a_head_backend_that_cannot_run_fails_in_the_constructor(models, tmp_path):
+    """A head backend this device cannot run fails before any training, naming the setting."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from r2m import R2MRewardModel
+    from r2m.integrations.trl import R2MGRPOTrainer
+    from r2m_kernels import BackendUnavailableError
+
+    from tests.support.trl_tiny import POLICY_DIM, trl_config
+
+    rm = R2MRewardModel.from_sequence_classifier(
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, attn_dim=8)
+    with pytest.raises(BackendUnavailableError, match="head_backend='cuda' cannot run on cpu"):
+        R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
+                       r2m_config=R2MConfig(head_backend="cuda"), train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
+
+
 @pytest.mark.parametrize("values, field_name", [
     (dict(mode="gold"), "mode"), (dict(attn_dim=0), "attn_dim"), (dict(num_heads=1.5), "num_heads"),
     (dict(head_learning_rate=0.0), "head_learning_rate"), (dict(head_learning_rate=float("inf")), "head_learning_rate"),
