@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .reference import accumulation_dtype
+from .precision import accumulation_dtype
 
 
 class _NoSecondDerivative(torch.autograd.Function):

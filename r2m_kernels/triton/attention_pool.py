@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .. import dispatch, splits
 from ..custom_ops import define_attention_pool_op
-from ..reference import accumulation_dtype
+from ..precision import accumulation_dtype
 from . import attention_pool_many_heads as many_heads
 from . import utils
 from .utils import INTERPRET, TL_ACC, chunk, join_scalar, load_rows, sequence, split_scalar, valid_rows

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .. import dispatch
 from ..custom_ops import define_grebt_op, grebt_groups
-from ..reference import accumulation_dtype
+from ..precision import accumulation_dtype
 from . import utils
 from .utils import INTERPRET, TL_ACC, join_scalar, split_scalar
 

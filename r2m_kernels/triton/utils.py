@@ -31,7 +31,7 @@ from ..splits import sequences
 # only in the interpreter, which is for tests.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# The kernels' ACC constexpr for each accumulation dtype (reference.accumulation_dtype).
+# The kernels' ACC constexpr for each accumulation dtype (precision.accumulation_dtype).
 TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 _FP32_MAX = 3.4028234663852886e38
