@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from ..custom_ops import define_grebt_op, grebt_groups
+from ..custom_ops import define_grebt_op
+from ..grebt_host import grebt_groups, grebt_loss_over
 from ..precision import accumulation_dtype
 from . import utils
 from .utils import INTERPRET, TL_ACC, join_scalar, split_scalar
@@ -182,18 +183,14 @@ def why_not_inputs(inputs) -> str | None:
     return None
 
 
-def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
-                      max_group=None):
-    """GREBT loss (docs/design.md §1.3); same semantics as reference.grebt_loss_torch.
+grebt_loss_triton = grebt_loss_over(_grebt_op, "grebt_loss_triton", """\
+    GREBT loss (docs/design.md §1.3); same semantics as reference.grebt_loss_torch.
 
     rewards (B,) fp16/bf16/fp32 (math in fp32) or fp64 (math in fp64); uniform groups of
     `group_size` or ragged groups given by cu_groups (G+1,) int32 (max_group: the largest,
     when known). Returns a scalar for "mean"/"sum", (G,) for "none"; fp32 (fp64 for fp64
     rewards). Groups of up to MAX_GROUP_SIZE rewards.
-    """
-    write_grad = rewards.requires_grad and torch.is_grad_enabled()
-    return _grebt_op(rewards, group_size, cu_groups, max_group, float(alpha), float(eps), reduction,
-                     write_grad)[0]
+    """)
 
 
 dispatch.register("grebt_loss", "triton", grebt_loss_triton, utils.why_not_device, why_not_inputs)
