@@ -31,8 +31,8 @@ from .. import dispatch
 from ..custom_ops import define_grebt_op
 from ..grebt_host import grebt_groups, grebt_loss_over
 from ..precision import accumulation_dtype
-from . import utils
-from .utils import INTERPRET, TL_ACC, join_scalar, split_scalar
+from . import common
+from .common import INTERPRET, TL_ACC, join_scalar, split_scalar
 
 # Largest group the single-tile kernel takes: a group lives in one program's registers.
 MAX_GROUP_SIZE = 16384
@@ -193,4 +193,4 @@ grebt_loss_triton = grebt_loss_over(_grebt_op, "grebt_loss_triton", """\
     """)
 
 
-dispatch.register("grebt_loss", "triton", grebt_loss_triton, utils.why_not_device, why_not_inputs)
+dispatch.register("grebt_loss", "triton", grebt_loss_triton, common.why_not_device, why_not_inputs)

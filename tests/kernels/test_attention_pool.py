@@ -20,7 +20,7 @@ from r2m_kernels import reference
 from r2m_kernels.cuda import attention_pool as cuda_pool
 from r2m_kernels.triton import attention_pool as triton_pool
 from r2m_kernels.triton import attention_pool_many_heads as many_heads
-from r2m_kernels.triton import utils as triton_utils
+from r2m_kernels.triton import pool_layout
 
 from tests.support.backends import DEVICE, check_second_derivative, params, use
 from tests.support.inputs import MASK_KINDS, make_mask, pack
@@ -35,7 +35,7 @@ def poison_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_utils, "empty", nan_empty)
+    monkeypatch.setattr(pool_layout, "empty", nan_empty)
 
 
 @pytest.fixture
