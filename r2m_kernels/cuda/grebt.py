@@ -9,7 +9,7 @@ import torch
 from .. import dispatch
 from ..custom_ops import define_grebt_op
 from ..grebt_host import grebt_groups, grebt_loss_over
-from . import module, why_not_device
+from .extension import module, why_not_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP_SIZE = 16384
