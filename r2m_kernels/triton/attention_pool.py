@@ -57,12 +57,18 @@ from .pool_layout import chunk, load_rows, sequence, valid_rows
 # is chosen by n_h alone, so the limit applies to both.
 MAX_D_P = 16384
 # Row-block elements (BLOCK_S * BLOCK_D / threads) one thread holds, in fp32, without spilling
-# to local memory: ptxas for sm_90 (tests/triton_compile.py) kept every tile up to 64 per thread
+# to local memory: ptxas for sm_90 (tests/support/triton_compile.py) kept every tile up to 64 per thread
 # spill-free at 4 and 8 warps and spilled above. (16 warps, which cap a thread at 128 registers,
 # spilled from 32 per thread and are not candidates.) fp64 math holds half as many.
 _TILE_PER_THREAD = {4: 64, 8: 64}
 # The backward that loops over several heads into dhidden spilled from 32 per thread.
 _TILE_PER_THREAD_HEADS_LOOP = 16
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the backward kernel may have: a
+# few registers' worth, in small tiles the rule above keeps (BLOCK_S 8 with 4 warps at some
+# D_p; fp64 with several heads into dhidden). The same tiles at other D_p do not spill, so a
+# rule that dropped them would drop those too; the autotuner measures them against their
+# neighbours instead.
+BWD_SPILL_BYTES = 24
 # Fewest row-block elements per program: smaller tiles leave a warp nothing to load.
 _MIN_TILE = 1024
 
@@ -169,10 +175,8 @@ def _pool_bwd_kernel(
     A program handles heads [j0, j0 + HEADS_PER_PROGRAM) of one sequence: all of them when
     NEED_DH (it owns its rows of dhidden), else one.
 
-    Spills: ptxas for sm_90 spilled up to 24 bytes (six registers) in a few small tiles that
-    the register rule keeps (BLOCK_S 8 with 4 warps at some D_p; fp64 with several heads into
-    dhidden), while the same tiles at other D_p did not spill; a rule that dropped them would
-    drop those too, and the autotuner measures them against their neighbours."""
+    Spills: a few small tiles that the register rule keeps spill a few registers, up to
+    BWD_SPILL_BYTES."""
     scale = join_scalar(scale_hi, scale_lo, ACC)
     pid = tl.program_id(0)
     split = tl.program_id(1)

@@ -100,7 +100,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_S": 16, "BLOCK_D": 32}
 
 # Autotune candidates, by operand bits: (BLOCK_S, BLOCK_D, num_warps, num_stages) of the
 # row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones. Every candidate
-# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/triton_compile.py);
+# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/support/triton_compile.py);
 # (32, 64, 4, 4) for 16-bit operands and every other fp32 tile tried spilled 16-524 bytes
 # there. fp32 operands take the FMA path (IEEE dots), whose operands live in registers: one
 # small tile each.
@@ -108,6 +108,11 @@ _ROW_BLOCKS = {16: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128,
                32: ((64, 64, 8, 3),)}
 _WEIGHTED = {16: ((32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3)),
              32: ((32, 8, 3),)}
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the dscores kernel may have: its
+# one fp32 tile spills a little at 16 heads, and every other fp32 tile tried spilled more.
+# fp32 hidden states with many heads are a correctness path, not the tuned one, so the tile
+# that spills least stays.
+DSCORES_SPILL_BYTES = 56
 
 
 # The two variants of the triton attention pool: one program per (sequence, head) with CUDA-core
@@ -322,9 +327,7 @@ def _dscores_kernel(
     with hidden's row layout in its dtype: every row of the chunk, zeros at invalid rows.
     grad and pooled are (B, n_h, D_p); lse (B, n_h) fp32.
 
-    Spills: fp32 operands (FMA dots, one tile) spilled up to 56 bytes at 16 heads under ptxas
-    for sm_90; every tile tried for them spilled more (tests/triton_compile.py), and fp32 hidden
-    states with many heads are a correctness path, not the tuned one."""
+    Spills: fp32 operands (FMA dots, one tile) spill, up to DSCORES_SPILL_BYTES."""
     b = tl.program_id(0)
     split = tl.program_id(1)
     row0, seqlen, base = sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)

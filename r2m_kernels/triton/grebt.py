@@ -38,6 +38,11 @@ from .common import INTERPRET, TL_ACC, join_scalar, split_scalar
 MAX_GROUP_SIZE = 16384
 # Rewards per program when groups are small: enough groups per tile to amortise the program.
 _TILE_ELEMENTS = 1024
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the forward kernel may have: a
+# group of MAX_GROUP_SIZE fp64 rewards with the gradient spills most; ptxas spills it
+# differently under each supported Triton, so the bound sits a little above all of them, and
+# more than this means the kernel got worse (tests/support/triton_compile.py checks it).
+FWD_SPILL_BYTES = 9216
 
 
 @triton.jit
@@ -58,12 +63,10 @@ def _grebt_fwd_kernel(
     """loss (G,): each group's loss times loss_scale; with WRITE_GRAD, grad (B,): d loss / d r
     times loss_scale. A program takes BLOCK_G groups of up to BLOCK_K rewards.
 
-    Spills: a program holds whole groups in registers, at most 1024 threads, so the largest
-    groups spill to local memory, up to 9216 bytes (fp64 with the gradient at 16384 rewards:
-    7804 under triton 3.6.0, 8820 under 3.9.0; 16-bit and fp32 rewards at 16384 up to 392,
-    fp64 at 4096 up to 132; ptxas for sm_90, tests/triton_compile.py). fp64 is for gradcheck;
-    RL groups hold 4 to 64 responses and do not spill; a multi-pass kernel for groups of
-    thousands is not worth its complexity."""
+    Spills: a program holds whole groups in registers, at most 1024 threads, so groups of
+    thousands of rewards spill to local memory (fp64 most), up to FWD_SPILL_BYTES. fp64 is for
+    gradcheck; RL groups hold 4 to 64 responses and do not spill; a multi-pass kernel for
+    groups of thousands is not worth its complexity."""
     alpha = join_scalar(alpha_hi, alpha_lo, ACC)
     eps = join_scalar(eps_hi, eps_lo, ACC)
     loss_scale = join_scalar(loss_scale_hi, loss_scale_lo, ACC)
