@@ -301,7 +301,7 @@ def test_cuda_host_side_with_forced_splits(layout, n_split, cuda_contract, monke
     assert cuda_contract.calls == [("attention_pool_forward", n_split), ("attention_pool_backward", n_split)]
 
 
-# ------------------------------------------------------- the three wrong answers of issue 12
+# ------------------------------------------------------- 16-bit overflow, strided offsets, second derivatives
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_large_16bit_hidden_states_stay_finite_and_accurate(dtype, backend):

@@ -163,7 +163,7 @@ def test_why_unavailable_and_available_backends():
 def test_registered_implementations():
     assert dispatch.implementation("attention_pool", "triton") is triton_pool.attention_pool_triton
     assert dispatch.implementation("grebt_loss", "torch") is r2m_kernels.reference.grebt_loss_torch
-    # On CUDA tensors "auto" tries triton first (before cuda, until the cuda kernels are measured).
+    # On CUDA tensors "auto" tries triton first (benchmarks/RESULTS.md records what the order rests on).
     assert all(dispatch.AUTO_ORDER["cuda"][op][0] == "triton" for op in dispatch.OPS)
 
 
