@@ -6,7 +6,8 @@ Knows nothing of transformers; `r2m` builds the model and training layer on top 
 from . import dispatch, reference
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends, why_unavailable
 from .interface import attention_pool, grebt_loss, score_mix
-from .reference import accumulation_dtype, padded_sequences
+from .precision import accumulation_dtype
+from .reference import padded_sequences
 from .validation import finite_checks
 
 __version__ = "0.1.0"

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from .reference import accumulation_dtype
+from .grebt_host import grad_from_saved
+from .precision import accumulation_dtype
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -103,30 +104,6 @@ def define_attention_pool_op(name: str, forward: Callable, backward: Callable) -
     return pool
 
 
-def grebt_groups(rewards: torch.Tensor, group_size: int | None, cu_groups: torch.Tensor | None,
-                 max_group: int | None = None) -> tuple[int, int]:
-    """(number of groups, largest group size). Ragged groups cost one host sync unless the
-    caller already knows the largest group (validation measures it)."""
-    if cu_groups is None:
-        return rewards.shape[0] // group_size, group_size
-    if max_group is None:
-        max_group = int((cu_groups[1:] - cu_groups[:-1]).max())
-    return cu_groups.numel() - 1, max_group
-
-
-def _grebt_grad_from_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
-                           group_size: int | None, cu_groups: torch.Tensor | None) -> torch.Tensor:
-    """d loss / d rewards from the gradient the forward kernel saved (that of the reduced loss,
-    or of sum_g loss_g for reduction "none") and the incoming grad_output (a scalar, or (G,)
-    per group for "none")."""
-    if reduction != "none":
-        return grad * grad_output
-    if cu_groups is None:
-        return (grad.view(-1, group_size) * grad_output[:, None]).view(-1)
-    sizes = cu_groups[1:] - cu_groups[:-1]
-    return grad * grad_output.repeat_interleave(sizes, output_size=grad.numel())
-
-
 def define_grebt_op(name: str, forward: Callable) -> Callable:
     """The custom op `r2m::{name}` over a backend's host code, whose kernel writes the loss
     and its gradient in one launch.
@@ -164,8 +141,8 @@ def define_grebt_op(name: str, forward: Callable) -> Callable:
     def differentiate(ctx, grad_output, grad_of_grad):
         rewards, grad, cu_groups = ctx.saved_tensors
         with torch.no_grad():
-            grad_rewards = _grebt_grad_from_saved(grad, grad_output, ctx.reduction, ctx.group_size,
-                                                  cu_groups).to(rewards.dtype)
+            grad_rewards = grad_from_saved(grad, grad_output, ctx.reduction, ctx.group_size,
+                                           cu_groups).to(rewards.dtype)
         grad_rewards, = _first_derivatives_only(f"r2m::{name}", (grad_rewards,), (rewards, grad_output))
         return grad_rewards, None, None, None, None, None, None, None
 

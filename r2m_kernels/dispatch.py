@@ -59,8 +59,9 @@ def mark_unavailable(backend: str, reason: str) -> None:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The registered implementation, without any probe (for benchmarks and compile checks
-    that call a backend directly on inputs they built for it)."""
+    """The registered implementation, without any probe: the ahead-of-time compile check
+    (tests/support/triton_compile.py) calls the triton backend on CPU tensors with the
+    interpreter off, which its device probe would refuse."""
     if (op, backend) not in _REGISTRY:
         raise BackendUnavailableError(_why_not_device(op, backend, None))
     return _REGISTRY[(op, backend)].fn

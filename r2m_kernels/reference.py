@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of softmax and accumulation math for inputs of `dtype`: fp32, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .precision import accumulation_dtype
 
 
 def padded_sequences(hidden: torch.Tensor, mask=None, cu_seqlens=None):

@@ -12,7 +12,7 @@ import torch
 
 from .. import dispatch, splits
 from ..custom_ops import define_attention_pool_op
-from . import module, why_not_device
+from .extension import module, why_not_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_D_P = 16384

@@ -1,5 +1,5 @@
 """How the extension r2m_kernels._cuda is compiled: read by setup.py (with runpy, before the
-package is importable) and by the development JIT fallback in __init__.py, so that both
+package is importable) and by the development JIT fallback in extension.py, so that both
 build the same sources with the same flags. No imports beyond the standard library."""
 
 import glob

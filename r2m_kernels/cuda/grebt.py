@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..custom_ops import define_grebt_op, grebt_groups
-from . import module, why_not_device
+from ..custom_ops import define_grebt_op
+from ..grebt_host import grebt_groups, grebt_loss_over
+from .extension import module, why_not_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP_SIZE = 16384
@@ -39,17 +40,13 @@ def why_not_inputs(inputs) -> str | None:
     return None
 
 
-def grebt_loss_cuda(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
-                    max_group=None):
-    """GREBT loss (docs/design.md §1.3) on the GPU; same semantics as reference.grebt_loss_torch.
+grebt_loss_cuda = grebt_loss_over(_grebt_op, "grebt_loss_cuda", """\
+    GREBT loss (docs/design.md §1.3) on the GPU; same semantics as reference.grebt_loss_torch.
 
     rewards (B,) fp16/bf16/fp32 (math in fp32); uniform groups of `group_size` or ragged
     groups given by cu_groups (G+1,) int32 (max_group: the largest, when known), each of at
     most MAX_GROUP_SIZE rewards. Returns a scalar for "mean"/"sum", (G,) for "none"; fp32.
-    """
-    write_grad = rewards.requires_grad and torch.is_grad_enabled()
-    return _grebt_op(rewards, group_size, cu_groups, max_group, float(alpha), float(eps), reduction,
-                     write_grad)[0]
+    """)
 
 
 dispatch.register("grebt_loss", "cuda", grebt_loss_cuda, why_not_device, why_not_inputs)

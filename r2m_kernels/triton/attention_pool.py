@@ -2,7 +2,7 @@
 
     pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]      over valid t
 
-Layouts (utils.layout): padded hidden (B, S, D_p) with an optional (B, S) mask of any
+Layouts (pool_layout.py): padded hidden (B, S, D_p) with an optional (B, S) mask of any
 pattern, or packed hidden (N, D_p) with (B+1,) int32 cu_seqlens. hidden fp32/fp16/bf16 (or
 fp64), q of any float dtype (B, n_h, D_p); every score, softmax and accumulation is fp32
 (fp64 for fp64 hidden, as in the torch backend).
@@ -46,22 +46,29 @@ import triton.language as tl
 
 from .. import dispatch, splits
 from ..custom_ops import define_attention_pool_op
-from ..reference import accumulation_dtype
+from ..precision import accumulation_dtype
 from . import attention_pool_many_heads as many_heads
-from . import utils
-from .utils import INTERPRET, TL_ACC, chunk, join_scalar, load_rows, sequence, split_scalar, valid_rows
+from . import common, pool_layout
+from .common import INTERPRET, TL_ACC, join_scalar, split_scalar
+from .pool_layout import chunk, load_rows, sequence, valid_rows
 
 # The per-head kernels hold a row-block of hidden whole over D_p in registers; 16384 covers
 # every current LLM width (Llama-3.1-405B). The many-head variant tiles D_p, but the variant
 # is chosen by n_h alone, so the limit applies to both.
 MAX_D_P = 16384
 # Row-block elements (BLOCK_S * BLOCK_D / threads) one thread holds, in fp32, without spilling
-# to local memory: ptxas for sm_90 (tests/triton_compile.py) kept every tile up to 64 per thread
+# to local memory: ptxas for sm_90 (tests/support/triton_compile.py) kept every tile up to 64 per thread
 # spill-free at 4 and 8 warps and spilled above. (16 warps, which cap a thread at 128 registers,
 # spilled from 32 per thread and are not candidates.) fp64 math holds half as many.
 _TILE_PER_THREAD = {4: 64, 8: 64}
 # The backward that loops over several heads into dhidden spilled from 32 per thread.
 _TILE_PER_THREAD_HEADS_LOOP = 16
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the backward kernel may have: a
+# few registers' worth, in small tiles the rule above keeps (BLOCK_S 8 with 4 warps at some
+# D_p; fp64 with several heads into dhidden). The same tiles at other D_p do not spill, so a
+# rule that dropped them would drop those too; the autotuner measures them against their
+# neighbours instead.
+BWD_SPILL_BYTES = 24
 # Fewest row-block elements per program: smaller tiles leave a warp nothing to load.
 _MIN_TILE = 1024
 
@@ -168,10 +175,8 @@ def _pool_bwd_kernel(
     A program handles heads [j0, j0 + HEADS_PER_PROGRAM) of one sequence: all of them when
     NEED_DH (it owns its rows of dhidden), else one.
 
-    Spills: ptxas for sm_90 spilled up to 24 bytes (six registers) in a few small tiles that
-    the register rule keeps (BLOCK_S 8 with 4 warps at some D_p; fp64 with several heads into
-    dhidden), while the same tiles at other D_p did not spill; a rule that dropped them would
-    drop those too, and the autotuner measures them against their neighbours."""
+    Spills: a few small tiles that the register rule keeps spill a few registers, up to
+    BWD_SPILL_BYTES."""
     scale = join_scalar(scale_hi, scale_lo, ACC)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -226,23 +231,23 @@ def _forward(hidden, q, scale, mask, cu_seqlens):
     accumulation dtype)."""
     if many_heads.uses_many_heads(hidden, q.shape[1]):
         return many_heads.pool_forward(hidden, q, scale, mask, cu_seqlens)
-    lay = utils.layout(hidden, mask, cu_seqlens)
+    lay = pool_layout.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
-    batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = splits.num_splits(batch * heads, lay["typical"], hidden.device)
+    batch, heads, d_p = lay.batch, q.shape[1], hidden.shape[-1]
+    n_split = splits.num_splits(batch * heads, lay.typical, hidden.device)
     # With one split the kernel's normalised output is the result: it writes it directly.
     direct = n_split == 1
     split_dims = () if direct else (n_split,)
-    out = utils.empty(split_dims + (batch, heads, d_p), acc, hidden.device)
-    lse = utils.empty(split_dims + (batch, heads), acc, hidden.device)
+    out = pool_layout.empty(split_dims + (batch, heads, d_p), acc, hidden.device)
+    lse = pool_layout.empty(split_dims + (batch, heads), acc, hidden.device)
     q_scaled = q.to(acc) * scale
     _pool_fwd_kernel[(batch * heads, n_split)](
-        hidden, q_scaled, lay["cu_seqlens"], lay["mask_args"][0], out, lse,
-        lay["seq_len"], d_p, heads,
-        lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
+        hidden, q_scaled, lay.cu_seqlens, lay.mask, out, lse,
+        lay.seq_len, d_p, heads,
+        lay.stride_hb, hidden.stride(-2), hidden.stride(-1),
         q_scaled.stride(0), q_scaled.stride(1), q_scaled.stride(2),
-        lay["mask_args"][1], lay["mask_args"][2],
-        PACKED=lay["packed"], HAS_MASK=mask is not None, ACC=TL_ACC[acc],
+        lay.stride_mb, lay.stride_ms,
+        PACKED=lay.packed, HAS_MASK=mask is not None, ACC=TL_ACC[acc],
         BLOCK_D=triton.next_power_of_2(d_p),
     )
     if direct:
@@ -255,29 +260,29 @@ def _backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidde
     if many_heads.uses_many_heads(hidden, q.shape[1]):
         return many_heads.pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens,
                                         need_dhidden)
-    lay = utils.layout(hidden, mask, cu_seqlens)
+    lay = pool_layout.layout(hidden, mask, cu_seqlens)
     acc = accumulation_dtype(hidden.dtype)
-    batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
+    batch, heads, d_p = lay.batch, q.shape[1], hidden.shape[-1]
     heads_per_program = heads if need_dhidden else 1
     programs = batch * heads // heads_per_program
-    n_split = splits.num_splits(programs, lay["typical"], hidden.device)
+    n_split = splits.num_splits(programs, lay.typical, hidden.device)
     delta = (grad.to(acc) * pooled.to(acc)).sum(dim=-1).contiguous()  # D_j = dp_j . p_j
     q_scaled = q.to(acc) * scale
-    dq = utils.empty((n_split, batch, heads, d_p), acc, hidden.device)
+    dq = pool_layout.empty((n_split, batch, heads, d_p), acc, hidden.device)
     if need_dhidden:
         # Heads are summed in place; with one head the kernel writes the result directly.
         dh_dtype = hidden.dtype if heads == 1 else acc
-        dhidden = utils.empty(hidden.shape, dh_dtype, hidden.device)
+        dhidden = pool_layout.empty(hidden.shape, dh_dtype, hidden.device)
     else:
         dhidden = hidden.new_empty(0)
     _pool_bwd_kernel[(programs, n_split)](
-        hidden, q_scaled, lay["cu_seqlens"], lay["mask_args"][0], grad, lse.contiguous(), delta, dq,
-        dhidden, lay["seq_len"], d_p, heads, heads_per_program, *split_scalar(scale),
-        lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
+        hidden, q_scaled, lay.cu_seqlens, lay.mask, grad, lse.contiguous(), delta, dq,
+        dhidden, lay.seq_len, d_p, heads, heads_per_program, *split_scalar(scale),
+        lay.stride_hb, hidden.stride(-2), hidden.stride(-1),
         q_scaled.stride(0), q_scaled.stride(1), q_scaled.stride(2),
-        lay["mask_args"][1], lay["mask_args"][2],
+        lay.stride_mb, lay.stride_ms,
         grad.stride(0), grad.stride(1), grad.stride(2),
-        PACKED=lay["packed"], HAS_MASK=mask is not None, NEED_DH=need_dhidden, ACC=TL_ACC[acc],
+        PACKED=lay.packed, HAS_MASK=mask is not None, NEED_DH=need_dhidden, ACC=TL_ACC[acc],
         BLOCK_D=triton.next_power_of_2(d_p),
     )
     return dq.sum(dim=0).to(q.dtype), dhidden.to(hidden.dtype)
@@ -296,4 +301,4 @@ def attention_pool_triton(hidden, q, scale, mask=None, cu_seqlens=None):
     return _pool_op(hidden, q, float(scale), mask, cu_seqlens)[0].to(hidden.dtype)
 
 
-dispatch.register("attention_pool", "triton", attention_pool_triton, utils.why_not_device, why_not_inputs)
+dispatch.register("attention_pool", "triton", attention_pool_triton, common.why_not_device, why_not_inputs)

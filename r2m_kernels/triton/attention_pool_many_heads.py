@@ -4,7 +4,7 @@ over all heads at once.
     pooled[b, j] = sum_t softmax_t(scale * q[b, j] . h[b, t]) h[b, t]      over valid t
 
 attention_pool.py's custom ops call this variant for n_h >= MANY_HEADS_MIN (uses_many_heads);
-same layouts (utils.layout), same results and saved state: pooled (B, n_h, D_p) in hidden's
+same layouts (pool_layout.py), same results and saved state: pooled (B, n_h, D_p) in hidden's
 dtype, lse (B, n_h) fp32. With many heads the per-head variant re-reads hidden once per head
 (CUDA-core dot products; with dhidden, n_h passes from HBM) and an (n_h, D_p) accumulator
 no longer fits in registers, so this variant makes a score pass and a pooling pass and does
@@ -79,8 +79,9 @@ import triton
 import triton.language as tl
 
 from .. import splits
-from . import utils
-from .utils import INTERPRET, chunk, load_rows, sequence, valid_rows
+from . import pool_layout
+from .common import INTERPRET
+from .pool_layout import chunk, load_rows, sequence, valid_rows
 
 # Fewest heads for which attention_pool uses this variant (see the docstring).
 MANY_HEADS_MIN = 4
@@ -99,7 +100,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_S": 16, "BLOCK_D": 32}
 
 # Autotune candidates, by operand bits: (BLOCK_S, BLOCK_D, num_warps, num_stages) of the
 # row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones. Every candidate
-# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/triton_compile.py);
+# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/support/triton_compile.py);
 # (32, 64, 4, 4) for 16-bit operands and every other fp32 tile tried spilled 16-524 bytes
 # there. fp32 operands take the FMA path (IEEE dots), whose operands live in registers: one
 # small tile each.
@@ -107,6 +108,11 @@ _ROW_BLOCKS = {16: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128,
                32: ((64, 64, 8, 3),)}
 _WEIGHTED = {16: ((32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3)),
              32: ((32, 8, 3),)}
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the dscores kernel may have: its
+# one fp32 tile spills a little at 16 heads, and every other fp32 tile tried spilled more.
+# fp32 hidden states with many heads are a correctness path, not the tuned one, so the tile
+# that spills least stays.
+DSCORES_SPILL_BYTES = 56
 
 
 # The two variants of the triton attention pool: one program per (sequence, head) with CUDA-core
@@ -321,9 +327,7 @@ def _dscores_kernel(
     with hidden's row layout in its dtype: every row of the chunk, zeros at invalid rows.
     grad and pooled are (B, n_h, D_p); lse (B, n_h) fp32.
 
-    Spills: fp32 operands (FMA dots, one tile) spilled up to 56 bytes at 16 heads under ptxas
-    for sm_90; every tile tried for them spilled more (tests/triton_compile.py), and fp32 hidden
-    states with many heads are a correctness path, not the tuned one."""
+    Spills: fp32 operands (FMA dots, one tile) spill, up to DSCORES_SPILL_BYTES."""
     b = tl.program_id(0)
     split = tl.program_id(1)
     row0, seqlen, base = sequence(b, S, cu_seqlens, hidden, stride_hb, stride_hs, PACKED)
@@ -377,24 +381,24 @@ def _dot_args(hidden: torch.Tensor, heads: int) -> dict:
 def _weighted_rows(weights, lse, hidden, lay, heads, out_dtype):
     """(B, n_h, D_p) in out_dtype: sum_t w_jt h_t per sequence, with w = weights ((n_h, rows)
     fp32), or when lse is given the softmax, w = exp(weights - lse) over its sum."""
-    batch, d_p = lay["batch"], hidden.shape[-1]
+    batch, d_p = lay.batch, hidden.shape[-1]
     dots = _dot_args(hidden, heads)
     widest = _INTERPRETER_BLOCKS["BLOCK_D"] if INTERPRET else _WEIGHTED_BLOCK_D[dots["DOT"]]
     block_d = min(widest, max(16, triton.next_power_of_2(d_p)))
     programs = batch * triton.cdiv(d_p, block_d)
-    n_split = splits.num_splits(programs, lay["typical"], hidden.device)
+    n_split = splits.num_splits(programs, lay.typical, hidden.device)
     direct = n_split == 1  # one split: the kernel writes the result itself
     shape = (batch, heads, d_p) if direct else (n_split, batch, heads, d_p)
-    out = utils.empty(shape, out_dtype if direct else torch.float32, hidden.device)
+    out = pool_layout.empty(shape, out_dtype if direct else torch.float32, hidden.device)
     softmax = lse is not None
     split_sums = softmax and not direct
-    denoms = utils.empty((n_split, batch, heads), torch.float32, hidden.device) if split_sums else out
+    denoms = pool_layout.empty((n_split, batch, heads), torch.float32, hidden.device) if split_sums else out
     _weighted_rows_kernel[(programs, n_split)](
-        weights, lse if softmax else weights, hidden, lay["cu_seqlens"], lay["mask_args"][0], out, denoms,
-        lay["seq_len"], d_p, heads, lay["rows"],
-        lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
-        lay["mask_args"][1], lay["mask_args"][2],
-        SOFTMAX=softmax, PACKED=lay["packed"], HAS_MASK=lay["has_mask"], BLOCK_D=block_d, **dots,
+        weights, lse if softmax else weights, hidden, lay.cu_seqlens, lay.mask, out, denoms,
+        lay.seq_len, d_p, heads, lay.rows,
+        lay.stride_hb, hidden.stride(-2), hidden.stride(-1),
+        lay.stride_mb, lay.stride_ms,
+        SOFTMAX=softmax, PACKED=lay.packed, HAS_MASK=lay.has_mask, BLOCK_D=block_d, **dots,
     )
     if direct:
         return out
@@ -407,18 +411,18 @@ def _weighted_rows(weights, lse, hidden, lay, heads, out_dtype):
 def pool_forward(hidden, q, scale, mask, cu_seqlens):
     """attention_pool's forward for uses_many_heads inputs: (pooled (B, n_h, D_p), lse (B, n_h)),
     both fp32 (the backward's delta = grad . pooled needs pooled unrounded)."""
-    lay = utils.layout(hidden, mask, cu_seqlens)
-    batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = splits.num_splits(batch, lay["typical"], hidden.device)
-    scores = utils.empty((heads, lay["rows"]), torch.float32, hidden.device)
-    lse_parts = utils.empty((n_split, batch, heads), torch.float32, hidden.device)
+    lay = pool_layout.layout(hidden, mask, cu_seqlens)
+    batch, heads, d_p = lay.batch, q.shape[1], hidden.shape[-1]
+    n_split = splits.num_splits(batch, lay.typical, hidden.device)
+    scores = pool_layout.empty((heads, lay.rows), torch.float32, hidden.device)
+    lse_parts = pool_layout.empty((n_split, batch, heads), torch.float32, hidden.device)
     _scores_kernel[(batch, n_split)](
-        hidden, q, lay["cu_seqlens"], lay["mask_args"][0], scores, lse_parts,
-        lay["seq_len"], d_p, heads, lay["rows"], scale,
-        lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
+        hidden, q, lay.cu_seqlens, lay.mask, scores, lse_parts,
+        lay.seq_len, d_p, heads, lay.rows, scale,
+        lay.stride_hb, hidden.stride(-2), hidden.stride(-1),
         q.stride(0), q.stride(1), q.stride(2),
-        lay["mask_args"][1], lay["mask_args"][2],
-        PACKED=lay["packed"], HAS_MASK=lay["has_mask"], **_dot_args(hidden, heads),
+        lay.stride_mb, lay.stride_ms,
+        PACKED=lay.packed, HAS_MASK=lay.has_mask, **_dot_args(hidden, heads),
     )
     lse = torch.logsumexp(lse_parts, dim=0)
     return _weighted_rows(scores, lse, hidden, lay, heads, torch.float32), lse
@@ -427,23 +431,23 @@ def pool_forward(hidden, q, scale, mask, cu_seqlens):
 def pool_backward(grad, hidden, q, pooled, lse, scale, mask, cu_seqlens, need_dhidden):
     """attention_pool's backward for uses_many_heads inputs: (dq in q.dtype, dhidden in
     hidden's dtype and shape, or an empty tensor when not needed)."""
-    lay = utils.layout(hidden, mask, cu_seqlens)
-    batch, heads, d_p = lay["batch"], q.shape[1], hidden.shape[-1]
-    n_split = splits.num_splits(batch, lay["typical"], hidden.device)
-    dscores = utils.empty((heads, lay["rows"]), torch.float32, hidden.device)
+    lay = pool_layout.layout(hidden, mask, cu_seqlens)
+    batch, heads, d_p = lay.batch, q.shape[1], hidden.shape[-1]
+    n_split = splits.num_splits(batch, lay.typical, hidden.device)
+    dscores = pool_layout.empty((heads, lay.rows), torch.float32, hidden.device)
     if need_dhidden:
-        dhidden = utils.empty(hidden.shape, hidden.dtype, hidden.device)
+        dhidden = pool_layout.empty(hidden.shape, hidden.dtype, hidden.device)
     else:
         dhidden = hidden.new_empty(0)
     _dscores_kernel[(batch, n_split)](
-        hidden, q, grad, pooled, lay["cu_seqlens"], lay["mask_args"][0], lse.contiguous(), dscores,
+        hidden, q, grad, pooled, lay.cu_seqlens, lay.mask, lse.contiguous(), dscores,
         dhidden if need_dhidden else hidden,  # never written without NEED_DH
-        lay["seq_len"], d_p, heads, lay["rows"], scale,
-        lay["stride_hb"], hidden.stride(-2), hidden.stride(-1),
+        lay.seq_len, d_p, heads, lay.rows, scale,
+        lay.stride_hb, hidden.stride(-2), hidden.stride(-1),
         q.stride(0), q.stride(1), q.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2),
         pooled.stride(0), pooled.stride(1), pooled.stride(2),
-        lay["mask_args"][1], lay["mask_args"][2],
-        PACKED=lay["packed"], HAS_MASK=lay["has_mask"], NEED_DH=need_dhidden, **_dot_args(hidden, heads),
+        lay.stride_mb, lay.stride_ms,
+        PACKED=lay.packed, HAS_MASK=lay.has_mask, NEED_DH=need_dhidden, **_dot_args(hidden, heads),
     )
     return _weighted_rows(dscores, None, hidden, lay, heads, q.dtype), dhidden

@@ -28,15 +28,21 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
-from ..custom_ops import define_grebt_op, grebt_groups
-from ..reference import accumulation_dtype
-from . import utils
-from .utils import INTERPRET, TL_ACC, join_scalar, split_scalar
+from ..custom_ops import define_grebt_op
+from ..grebt_host import grebt_groups, grebt_loss_over
+from ..precision import accumulation_dtype
+from . import common
+from .common import INTERPRET, TL_ACC, join_scalar, split_scalar
 
 # Largest group the single-tile kernel takes: a group lives in one program's registers.
 MAX_GROUP_SIZE = 16384
 # Rewards per program when groups are small: enough groups per tile to amortise the program.
 _TILE_ELEMENTS = 1024
+# Local-memory spill (bytes stored + loaded, ptxas for sm_90) the forward kernel may have: a
+# group of MAX_GROUP_SIZE fp64 rewards with the gradient spills most; ptxas spills it
+# differently under each supported Triton, so the bound sits a little above all of them, and
+# more than this means the kernel got worse (tests/support/triton_compile.py checks it).
+FWD_SPILL_BYTES = 9216
 
 
 @triton.jit
@@ -57,12 +63,10 @@ def _grebt_fwd_kernel(
     """loss (G,): each group's loss times loss_scale; with WRITE_GRAD, grad (B,): d loss / d r
     times loss_scale. A program takes BLOCK_G groups of up to BLOCK_K rewards.
 
-    Spills: a program holds whole groups in registers, at most 1024 threads, so the largest
-    groups spill to local memory, up to 9216 bytes (fp64 with the gradient at 16384 rewards:
-    7804 under triton 3.6.0, 8820 under 3.9.0; 16-bit and fp32 rewards at 16384 up to 392,
-    fp64 at 4096 up to 132; ptxas for sm_90, tests/triton_compile.py). fp64 is for gradcheck;
-    RL groups hold 4 to 64 responses and do not spill; a multi-pass kernel for groups of
-    thousands is not worth its complexity."""
+    Spills: a program holds whole groups in registers, at most 1024 threads, so groups of
+    thousands of rewards spill to local memory (fp64 most), up to FWD_SPILL_BYTES. fp64 is for
+    gradcheck; RL groups hold 4 to 64 responses and do not spill; a multi-pass kernel for
+    groups of thousands is not worth its complexity."""
     alpha = join_scalar(alpha_hi, alpha_lo, ACC)
     eps = join_scalar(eps_hi, eps_lo, ACC)
     loss_scale = join_scalar(loss_scale_hi, loss_scale_lo, ACC)
@@ -182,18 +186,14 @@ def why_not_inputs(inputs) -> str | None:
     return None
 
 
-def grebt_loss_triton(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
-                      max_group=None):
-    """GREBT loss (docs/design.md §1.3); same semantics as reference.grebt_loss_torch.
+grebt_loss_triton = grebt_loss_over(_grebt_op, "grebt_loss_triton", """\
+    GREBT loss (docs/design.md §1.3); same semantics as reference.grebt_loss_torch.
 
     rewards (B,) fp16/bf16/fp32 (math in fp32) or fp64 (math in fp64); uniform groups of
     `group_size` or ragged groups given by cu_groups (G+1,) int32 (max_group: the largest,
     when known). Returns a scalar for "mean"/"sum", (G,) for "none"; fp32 (fp64 for fp64
     rewards). Groups of up to MAX_GROUP_SIZE rewards.
-    """
-    write_grad = rewards.requires_grad and torch.is_grad_enabled()
-    return _grebt_op(rewards, group_size, cu_groups, max_group, float(alpha), float(eps), reduction,
-                     write_grad)[0]
+    """)
 
 
-dispatch.register("grebt_loss", "triton", grebt_loss_triton, utils.why_not_device, why_not_inputs)
+dispatch.register("grebt_loss", "triton", grebt_loss_triton, common.why_not_device, why_not_inputs)

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .. import dispatch
 from ..custom_ops import define_score_mix_op
-from . import utils
-from .utils import TL_ACC, join_scalar, split_scalar
+from . import common
+from .common import TL_ACC, join_scalar, split_scalar
 
 # Static tiles: enough d-chunks (d / BLOCK_D) to spread the W_o read over the SMs at d = 2048,
 # and W_o tiles of BLOCK_R x BLOCK_D elements large enough to keep a few KB of loads in flight
@@ -282,4 +282,4 @@ def score_mix_triton(attended, rte, out_weight, score_weight, score_bias, omega)
     return _score_mix_op(attended, rte, out_weight, score_weight, score_bias, float(omega))[0]
 
 
-dispatch.register("score_mix", "triton", score_mix_triton, utils.why_not_device)
+dispatch.register("score_mix", "triton", score_mix_triton, common.why_not_device)

@@ -20,7 +20,7 @@ from r2m_kernels import reference
 from r2m_kernels.cuda import attention_pool as cuda_pool
 from r2m_kernels.triton import attention_pool as triton_pool
 from r2m_kernels.triton import attention_pool_many_heads as many_heads
-from r2m_kernels.triton import utils as triton_utils
+from r2m_kernels.triton import pool_layout
 
 from tests.support.backends import DEVICE, check_second_derivative, params, use
 from tests.support.inputs import MASK_KINDS, make_mask, pack
@@ -35,7 +35,7 @@ def poison_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_utils, "empty", nan_empty)
+    monkeypatch.setattr(pool_layout, "empty", nan_empty)
 
 
 @pytest.fixture
@@ -301,7 +301,7 @@ def test_cuda_host_side_with_forced_splits(layout, n_split, cuda_contract, monke
     assert cuda_contract.calls == [("attention_pool_forward", n_split), ("attention_pool_backward", n_split)]
 
 
-# ------------------------------------------------------- the three wrong answers of issue 12
+# ------------------------------------------------------- 16-bit overflow, strided offsets, second derivatives
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_large_16bit_hidden_states_stay_finite_and_accurate(dtype, backend):

@@ -14,7 +14,7 @@ import r2m_kernels
 from r2m import R2MHead
 from r2m_kernels import BackendUnavailableError, dispatch
 from r2m_kernels.triton import attention_pool as triton_pool
-from r2m_kernels.triton import utils as triton_utils
+from r2m_kernels.triton import common as triton_common
 from r2m_kernels.validation import validate_attention_pool, validate_grebt, validate_score_mix
 
 
@@ -116,7 +116,7 @@ def test_auto_on_a_gpu_takes_the_first_backend_of_the_gpu_order_that_accepts(op,
 
 @pytest.mark.parametrize("op,case,make_call,refusing", REFUSALS[-3:], ids=IDS[-3:])
 def test_triton_without_the_interpreter_refuses_cpu_tensors(op, case, make_call, refusing, monkeypatch):
-    monkeypatch.setattr(triton_utils, "INTERPRET", False)
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
     monkeypatch.setitem(dispatch.AUTO_ORDER["cpu"], op, dispatch.AUTO_ORDER["cuda"][op])
     fn = OPS[op][0]
     args, kwargs = make_call()
@@ -163,7 +163,7 @@ def test_why_unavailable_and_available_backends():
 def test_registered_implementations():
     assert dispatch.implementation("attention_pool", "triton") is triton_pool.attention_pool_triton
     assert dispatch.implementation("grebt_loss", "torch") is r2m_kernels.reference.grebt_loss_torch
-    # On CUDA tensors "auto" tries triton first (before cuda, until the cuda kernels are measured).
+    # On CUDA tensors "auto" tries triton first (benchmarks/RESULTS.md records what the order rests on).
     assert all(dispatch.AUTO_ORDER["cuda"][op][0] == "triton" for op in dispatch.OPS)
 
 

@@ -145,7 +145,7 @@ def test_ragged_groups_match_float64(backend):
     check_against_reference(rewards, backend, cu_groups=cu, alpha=0.3)
 
 
-def test_largest_issue_group_size_1024(backend):
+def test_a_group_of_1024_beside_small_ones_matches_float64(backend):
     rewards, cu = random_groups([1024, 7, 300])
     check_against_reference(rewards, backend, cu_groups=cu, alpha=0.5)
 
@@ -300,7 +300,7 @@ def test_gradient_sums_to_zero_when_the_spread_is_near_the_rounding_of_the_mean(
     assert (per_group.sum(1).abs() <= 1e-4 * per_group.abs().max()).all()
 
 
-# ------------------------------------------------------- the wrong answers of issue 12
+# ------------------------------------------------------- strided offsets, second derivatives
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_strided_cu_groups(reduction, backend):
