@@ -99,10 +99,11 @@ _WEIGHTED_BLOCK_D = {tl.float16: 128, tl.bfloat16: 128, tl.float32: 64}
 _INTERPRETER_BLOCKS = {"BLOCK_S": 16, "BLOCK_D": 32}
 
 # Autotune candidates, by operand bits: (BLOCK_S, BLOCK_D, num_warps, num_stages) of the
-# row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones. Every candidate
-# compiles for sm_90 without register spills at n_h 12, 16 and 32 (tests/support/triton_compile.py);
-# (32, 64, 4, 4) for 16-bit operands and every other fp32 tile tried spilled 16-524 bytes
-# there. fp32 operands take the FMA path (IEEE dots), whose operands live in registers: one
+# row-block kernels, (BLOCK_S, num_warps, num_stages) of the weighted ones. Every 16-bit
+# candidate compiles for sm_90 without register spills at n_h 12, 16 and 32
+# (tests/support/triton_compile.py); (32, 64, 4, 4) for 16-bit operands and every fp32 tile
+# but the one kept spilled 16-524 bytes there, and that fp32 tile spills up to
+# DSCORES_SPILL_BYTES in the dscores kernel. fp32 operands take the FMA path (IEEE dots), whose operands live in registers: one
 # small tile each.
 _ROW_BLOCKS = {16: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
                32: ((64, 64, 8, 3),)}
