@@ -72,10 +72,12 @@ def prescan(argv: list[str], names: tuple[str, ...], switches: tuple[str, ...] =
         import yaml
 
         try:
-            with open(known.config) as f:
+            with open(known.config, encoding="utf-8") as f:
                 from_yaml = yaml.safe_load(f)
         except OSError as e:
             raise UsageError(f"--config: cannot read {known.config}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--config: {known.config} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             first = str(e).strip().splitlines()[0]
             raise UsageError(f"--config: {known.config} is not valid YAML ({first})") from None

@@ -79,21 +79,35 @@ def _local_or_hub(name: str, value: str) -> str:
     return value
 
 
+def _is_prompt(value) -> bool:
+    """Text, or TRL's conversational form: a non-empty list of {"role": text, "content": text}."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def load_prompts(path: str, tokenizer) -> list:
     """Prompts in TRL's dataset form: conversational when the tokenizer has a chat template."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"prompts: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompts: {path} is not UTF-8 text (byte {e.start})") from None
     if path.endswith(".jsonl"):
         prompts = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                prompts.append(json.loads(line)["prompt"])
+                prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UsageError(f"prompts: {path} line {number} is not a JSON object with a 'prompt' field") from None
+            if not _is_prompt(prompt):
+                raise UsageError(f"prompts: {path} line {number}: 'prompt' must be text or a list of messages "
+                                 f"({{\"role\": ..., \"content\": text}}); got {json.dumps(prompt)[:60]}")
+            prompts.append(prompt)
     else:
         prompts = [line for line in text.splitlines() if line.strip()]
         if getattr(tokenizer, "chat_template", None):

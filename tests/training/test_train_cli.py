@@ -129,6 +129,16 @@ def test_missing_files_and_devices(models, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n{"question": "x"}\n')
     fails_with(command(models, tmp_path, "--prompts", str(bad)), capsys, "prompts:", "line 2")
+    for prompt in ('3', '["a"]', '[{"role": "user"}]', '[]', 'null'):
+        bad.write_text(f'{{"prompt": "1+1="}}\n{{"prompt": {prompt}}}\n')
+        fails_with(command(models, tmp_path, "--prompts", str(bad)), capsys, "prompts:", "line 2",
+                   "must be text or a list of messages")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    fails_with(command(models, tmp_path, "--prompts", str(latin1)), capsys, "prompts:", "is not UTF-8 text (byte 3)")
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("mode: r2m  # caf\u00e9\n".encode("latin-1"))
+    fails_with(command(models, tmp_path, "--config", str(config)), capsys, "--config:", "is not UTF-8 text")
     fails_with(["train", "--resume", "true"], capsys, "needs --policy", "r2m experiment")
     if not torch.cuda.is_available():
         fails_with(command(models, tmp_path, "--device", "cuda"), capsys, "device: cuda", "no CUDA device")
