@@ -16,6 +16,15 @@ from .schedule import omega as omega_schedule
 HEAD_BACKENDS = ("auto", "eager") + r2m_kernels.BACKENDS
 
 
+def check_head_backend(backend: str, device) -> None:
+    """BackendUnavailableError naming head_backend when a head with this backend (its kernels
+    and the GREBT loss that follows it) cannot run on tensors of `device`; "auto" and "eager"
+    always can."""
+    reason = None if backend in ("auto", "eager") else r2m_kernels.why_unavailable(backend, device=device)
+    if reason is not None:
+        raise r2m_kernels.BackendUnavailableError(f"head_backend={backend!r} cannot run on {device}: {reason}")
+
+
 class R2MHead(nn.Module):
     """Trainable attention block plus scoring head on top of a frozen reward model.
 

@@ -8,7 +8,7 @@ import sys
 
 from ..experiment.run import run_experiment
 from ..experiment.settings import PRESET_SETTINGS, PRESETS, ExperimentArguments, check
-from .settings import UsageError, check_yaml, choice, make_parser, prescan, runs_on_cpu
+from .settings import UsageError, check_backend_runs, check_yaml, choice, make_parser, prescan, runs_on_cpu
 
 HELP = ("A paired, multi-seed experiment: static RM vs R2M vs its ablations and the paper's Iterative "
         "RMHead baseline on TRL's RLOO, measured on held-out prompts (gold reward, frozen-RM reward, KL, "
@@ -35,6 +35,7 @@ def parse(argv: list[str]):
     parser = make_parser(sections, defaults, prog="r2m experiment", description=HELP)
     experiment, r2m_config, args = parser.parse_args_and_config(argv)
     check(experiment, args)
+    check_backend_runs(r2m_config, on_cpu)
     return experiment, r2m_config, args
 
 

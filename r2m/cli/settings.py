@@ -14,7 +14,7 @@ import warnings
 
 from ..config import DEVICES, UsageError
 
-__all__ = ["DEVICES", "UsageError", "check_finite", "check_yaml", "choice", "make_parser", "prescan", "runs_on_cpu"]
+__all__ = ["DEVICES", "UsageError", "check_backend_runs", "check_finite", "check_yaml", "choice", "make_parser", "prescan", "runs_on_cpu"]
 
 
 def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
@@ -145,6 +145,19 @@ def choice(name: str, value: str | None, choices) -> str:
     if value not in choices:
         raise UsageError(f"{name}: {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def check_backend_runs(r2m_config, on_cpu: bool) -> None:
+    """A UsageError, before any model is loaded, when the head's backend cannot run on the
+    run's device (the CPU, or the GPU)."""
+    import r2m_kernels
+
+    from ..head import check_head_backend
+
+    try:
+        check_head_backend(r2m_config.head_backend, "cpu" if on_cpu else "cuda")
+    except r2m_kernels.BackendUnavailableError as e:
+        raise UsageError(str(e)) from None
 
 
 def runs_on_cpu(device: str | None) -> bool:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import DEVICES, UsageError, check_yaml, choice, make_parser, prescan, runs_on_cpu
+from .settings import DEVICES, UsageError, check_backend_runs, check_yaml, choice, make_parser, prescan, runs_on_cpu
 
 HELP = ("Train a policy with TRL against a real-time aligned reward model (the demo and the paired "
         "experiment are `r2m experiment`).")
@@ -63,7 +63,9 @@ def parse(argv: list[str]):
     defaults = {"report_to": "none", "logging_steps": 1}
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
-    return make_parser(sections, defaults, "r2m train", HELP).parse_args_and_config(argv)
+    script, r2m_config, args = make_parser(sections, defaults, "r2m train", HELP).parse_args_and_config(argv)
+    check_backend_runs(r2m_config, on_cpu)
+    return script, r2m_config, args
 
 
 def _local_or_hub(name: str, value: str) -> str:

@@ -130,6 +130,7 @@ def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
     (["--rm_layers", "5"], ["rm_layers must be in [1, 2]; got 5"]),
     (["--label_noise", "inf"], ["label_noise: inf is not a finite number"]),
     (["--brevity_bias", "nan"], ["brevity_bias: nan is not a finite number"]),
+    (["--head_backend", "cuda"], ["head_backend='cuda' cannot run on cpu"]),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     assert main(command(tmp_path / "out", tmp_path / "models", *extra)) == 2

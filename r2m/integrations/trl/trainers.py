@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from r2m_kernels import BackendUnavailableError, why_unavailable
 from trl import GRPOTrainer, RLOOTrainer
 
 from ...capture import HiddenStateCapture, policy_backbone
 from ...config import R2MConfig
+from ...head import check_head_backend
 from ...head_update import HeadUpdate, broadcast_parameters
 from ...metrics import pairwise_agreement
 from ...reward_model import R2MRewardModel
@@ -101,7 +101,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self._r2m_check_save_steps()
         self.r2m_config.configure_head(reward_model.head)
         reward_model.to(self.accelerator.device)
-        self._r2m_check_head_backend()
+        check_head_backend(reward_model.head.backend, self.accelerator.device)  # before training, not at a reward
         broadcast_parameters(reward_model.head)
         self.head_update = HeadUpdate(reward_model, self.r2m_config)
         self._r2m_generation: _Generation | None = None
@@ -124,14 +124,6 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             raise ValueError(f"save_steps ({self.args.save_steps:g}) must be a multiple of the optimizer steps per "
                              f"generation batch ({cycle_steps} = steps_per_generation x num_iterations / "
                              "gradient_accumulation_steps), so that a resumed run continues exactly")
-
-    def _r2m_check_head_backend(self) -> None:
-        """A head backend that cannot run on this device fails here, before any training,
-        rather than at the first reward."""
-        backend, device = self.reward_model.head.backend, self.accelerator.device
-        reason = None if backend in ("auto", "eager") else why_unavailable(backend, device=device)
-        if reason is not None:
-            raise BackendUnavailableError(f"head_backend={backend!r} cannot run on {device}: {reason}")
 
     def _r2m_omega(self) -> float:
         return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.reward_model.head.omega_floor)
