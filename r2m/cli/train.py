@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,18 +131,35 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
     """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ..integrations.trl import check_resumable, read_checkpoint_state
+    from ..integrations.trl import check_resumable, read_checkpoint_state, read_head_weights
+
+    def check(folder):
+        state = read_checkpoint_state(folder)
+        read_head_weights(folder)
+        # max_steps <= 0 (a length in epochs) is only known once TRL has the data; the trainer checks it
+        check_resumable(state, folder, mode, max_steps if max_steps > 0 else state["max_steps"])
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
         raise UsageError(f"resume: no checkpoint-N folder in {output_dir}")
     try:
-        state = read_checkpoint_state(last)
-        # max_steps <= 0 (a length in epochs) is only known once TRL has the data; the trainer checks it
-        check_resumable(state, last, mode, max_steps if max_steps > 0 else state["max_steps"])
+        check(last)
     except ValueError as e:
-        raise UsageError(f"resume: {e}") from None
+        raise UsageError(f"resume: {e}{_earlier_intact(output_dir, last, check)}") from None
     return last
+
+
+def _earlier_intact(output_dir: str, last: str, check) -> str:
+    """The hint after a checkpoint that cannot continue the run: the newest earlier one that can."""
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.join(output_dir, name) != last)
+    for _, name in reversed(steps):
+        try:
+            check(os.path.join(output_dir, name))
+        except ValueError:
+            continue
+        return f"; {name} is intact: move {os.path.basename(last)} out of {output_dir} to resume from {name}"
+    return ""
 
 
 def train(script: TrainArguments, r2m_config, args) -> int:

@@ -65,6 +65,32 @@ def test_same_seed_same_metrics_and_resume(models, tmp_path, capsys):
     fails_with(command(models, tmp_path / "empty", "--resume", "true"), capsys, "resume: no checkpoint")
 
 
+def test_damaged_checkpoints_on_resume_name_the_file_and_the_last_intact_one(models, tmp_path, capsys):
+    """A truncated or garbled R2M state file, a truncated or missing head file: one line naming
+    the file and what is wrong, and the newest earlier checkpoint that can continue the run."""
+    out = tmp_path / "run"
+    argv = command(models, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--trainer", "grpo")
+    assert main(argv) == 0
+    capsys.readouterr()
+    last = out / "checkpoint-3"
+    state, head = (last / "r2m_state.pt").read_bytes(), (last / "r2m_head.safetensors").read_bytes()
+    damages = [("r2m_state.pt", state[: len(state) // 2], "is damaged"),
+               ("r2m_state.pt", b"\x00garbage" * 50, "is damaged"),
+               ("r2m_head.safetensors", head[: len(head) // 2], "is damaged"),
+               ("r2m_head.safetensors", None, "has no r2m_head.safetensors")]
+    for name, content, what in damages:
+        (last / name).unlink()
+        if content is not None:
+            (last / name).write_bytes(content)
+        err = fails_with(argv + ["--resume", "true"], capsys, "resume:", str(last), what,
+                         "checkpoint-2 is intact: move checkpoint-3 out of")
+        assert "Traceback" not in err
+        (last / name).write_bytes(state if name == "r2m_state.pt" else head)
+    (out / "checkpoint-2" / "r2m_state.pt").write_bytes(b"")
+    (last / "r2m_state.pt").write_bytes(b"")
+    fails_with(argv + ["--resume", "true"], capsys, "checkpoint-1 is intact")
+
+
 def test_rloo_from_a_yaml_file(models, tmp_path):
     """The R2M section and TRL's settings from one YAML file (flags override it)."""
     config = tmp_path / "run.yaml"

@@ -19,9 +19,9 @@ checkpoint folder), `trl_internals` (every use of TRL's private methods and attr
 the TRL version each was read from).
 """
 
-from .checkpoints import HEAD_FILE, STATE_FILE, check_resumable, read_checkpoint_state
+from .checkpoints import HEAD_FILE, STATE_FILE, check_resumable, read_checkpoint_state, read_head_weights
 from .trainers import R2MGRPOTrainer, R2MReward, R2MRLOOTrainer, R2MTrainerMixin
 from .trl_internals import TESTED_TRL
 
-__all__ = ["R2MGRPOTrainer", "R2MRLOOTrainer", "R2MTrainerMixin", "R2MReward", "read_checkpoint_state",
+__all__ = ["R2MGRPOTrainer", "R2MRLOOTrainer", "R2MTrainerMixin", "R2MReward", "read_checkpoint_state", "read_head_weights",
            "check_resumable", "HEAD_FILE", "STATE_FILE", "TESTED_TRL"]

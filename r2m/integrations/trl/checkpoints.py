@@ -14,12 +14,41 @@ HEAD_FILE = "r2m_head.safetensors"
 STATE_FILE = "r2m_state.pt"
 
 
+STATE_KEYS = ("mode", "max_steps", "extra_forwards", "optimizer")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 def read_checkpoint_state(folder) -> dict:
-    """The R2M state saved in a TRL checkpoint folder; ValueError when it has none."""
+    """The R2M state saved in a TRL checkpoint folder; ValueError naming the file when it is
+    missing or damaged."""
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no {STATE_FILE}: not a checkpoint of an R2M trainer")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or overwritten: the zip reader or the unpickler fails, in many types
+        raise ValueError(f"{path} is damaged ({_first_line(e)})") from None
+    if not isinstance(state, dict) or not set(STATE_KEYS) <= state.keys():
+        raise ValueError(f"{path} is damaged (it holds no R2M state)")
+    return state
+
+
+def read_head_weights(folder, device="cpu") -> dict:
+    """The head's weights saved in a TRL checkpoint folder; ValueError naming the file when it
+    is missing or damaged."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, HEAD_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no {HEAD_FILE}: the head's weights are missing")
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # safetensors reports a truncated or garbled file in its own error types
+        raise ValueError(f"{path} is damaged ({_first_line(e)})") from None
 
 
 def check_resumable(state: dict, folder, mode: str, max_steps: int) -> None:
@@ -58,11 +87,8 @@ class SaveR2MState(TrainerCallback):
 def load_r2m_state(trainer, checkpoint) -> None:
     """Restore the head, its optimizer and the extra-forward count from `checkpoint`, after
     checking that it suits this run."""
-    from safetensors.torch import load_file
-
     state = read_checkpoint_state(checkpoint)
     check_resumable(state, checkpoint, trainer.r2m_config.mode, trainer.state.max_steps)
-    device = trainer.accelerator.device
-    trainer.reward_model.head.load_state_dict(load_file(os.path.join(checkpoint, HEAD_FILE), device=str(device)))
+    trainer.reward_model.head.load_state_dict(read_head_weights(checkpoint, trainer.accelerator.device))
     trainer.head_update.optimizer.load_state_dict(state["optimizer"])
     trainer._r2m_extra_forwards = state["extra_forwards"]
