@@ -23,6 +23,24 @@ from .ablations import noise_like
 from .reward_model import R2MRewardModel
 
 
+class NonFiniteError(RuntimeError):
+    """The head's rewards, loss, gradient or weights turned inf or NaN: training stops there,
+    before they reach the policy's advantages or a checkpoint (a step skipped instead would
+    hide a learning rate or an input that keeps producing them)."""
+
+
+def non_finite_part(loss: torch.Tensor, module: nn.Module) -> str | None:
+    """Which of the loss, the gradient or the weights of `module` holds an inf or NaN, or None."""
+    if not torch.isfinite(loss).all():
+        return "GREBT loss"
+    parameters = [p for p in module.parameters()]
+    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in parameters):
+        return "gradient"
+    if any(not torch.isfinite(p).all() for p in parameters):
+        return "weights"
+    return None
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -106,7 +124,8 @@ class HeadUpdate:
     def step(self, rte, hidden, attention_mask, omega: float, group_size: int) -> dict:
         """GREBT on this process's rows (B_local, ...) within the whole batch's groups of
         `group_size`; a step on the head when the mode trains it (not in static mode, which has
-        no head to update). Every process must call it together. Returns {"loss", "ms"}."""
+        no head to update). Every process must call it together. Returns {"loss", "ms"};
+        NonFiniteError when the loss, the gradient or the weights are not finite."""
         if not self.config.uses_head:
             raise ValueError("mode 'static' has no head to update")
         device = rte.device
@@ -122,6 +141,12 @@ class HeadUpdate:
             loss.backward()
             all_reduce_gradients(self.head)
             self.optimizer.step()
+        # Every process sees the same loss, reduced gradient and weights: all stop together.
+        bad = non_finite_part(loss.detach(), self.head)
+        if bad is not None:
+            raise NonFiniteError(f"the head's {bad} is not finite after its update (head_learning_rate "
+                                 f"{self.config.head_learning_rate:g}); the run stops before it reaches a reward "
+                                 "or a checkpoint")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return {"loss": loss.item(), "ms": (time.perf_counter() - start) * 1e3}

@@ -200,9 +200,14 @@ def train(script: TrainArguments, r2m_config, args) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from ..head_update import NonFiniteError
+
     try:
         script, r2m_config, args = parse(argv)
         return train(script, r2m_config, args)
     except UsageError as e:
         print(f"r2m train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # training stopped: no checkpoint holds the non-finite head
+        print(f"r2m train: stopped: {e}", file=sys.stderr)
+        return 1

@@ -2,6 +2,7 @@
 errors with exit status 2, the same metrics for the same seed, resume, the demo's judge."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -89,6 +90,22 @@ def test_damaged_checkpoints_on_resume_name_the_file_and_the_last_intact_one(mod
     (out / "checkpoint-2" / "r2m_state.pt").write_bytes(b"")
     (last / "r2m_state.pt").write_bytes(b"")
     fails_with(argv + ["--resume", "true"], capsys, "checkpoint-1 is intact")
+
+
+def test_a_head_that_turns_non_finite_stops_the_run_before_a_reward_or_checkpoint(models, tmp_path, capsys):
+    """A head learning rate so large that the head's float32 weights overflow: one line naming
+    the training step, exit 1, and every checkpoint written holds finite head weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = command(models, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                   "--head_learning_rate", "1e37", "--trainer", "grpo")
+    assert main(argv) == 1
+    *_, err = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"r2m train: stopped: training step [123]: .*not finite", err), err
+    assert "Traceback" not in err
+    for checkpoint in out.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "r2m_head.safetensors").values())
 
 
 def test_rloo_from_a_yaml_file(models, tmp_path):

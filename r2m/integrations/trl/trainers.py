@@ -19,7 +19,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from ...capture import HiddenStateCapture, policy_backbone
 from ...config import R2MConfig
 from ...head import check_head_backend
-from ...head_update import HeadUpdate, broadcast_parameters
+from ...head_update import HeadUpdate, NonFiniteError, broadcast_parameters
 from ...metrics import pairwise_agreement
 from ...reward_model import R2MRewardModel
 from ...schedule import omega as omega_schedule
@@ -203,6 +203,11 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             rte = self.reward_model.reward_token_embeddings(rm_ids, rm_mask)
         batch = _ScoredBatch(rte, hidden, attention_mask, self._r2m_omega())
         rewards = self.head_update.rewards(batch.rte, batch.hidden, batch.attention_mask, batch.omega)
+        # Counted over every process, so that all of them stop together.
+        non_finite = self.accelerator.gather((~torch.isfinite(rewards)).sum().reshape(1)).sum().item()
+        if non_finite:
+            raise NonFiniteError(f"training step {self.state.global_step + 1}: {non_finite} R2M rewards are not "
+                                 "finite; the run stops before they reach the advantages")
         self._r2m_reward.values = rewards.tolist()
 
         rm_rewards = self.reward_model.static_reward(rte)
@@ -250,8 +255,11 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         batch, self._r2m_batch = self._r2m_batch, None
         if batch is None or not self.r2m_config.uses_head:
             return
-        result = self.head_update.step(batch.rte, batch.hidden, batch.attention_mask, batch.omega,
-                                       self.args.num_generations)
+        try:
+            result = self.head_update.step(batch.rte, batch.hidden, batch.attention_mask, batch.omega,
+                                           self.args.num_generations)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"training step {self.state.global_step + 1}: {e}") from None
         trl_internals.log_metric(self, "r2m/grebt_loss", result["loss"])
         trl_internals.log_metric(self, "r2m/update_ms", result["ms"])
 
