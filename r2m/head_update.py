@@ -33,7 +33,7 @@ def non_finite_part(loss: torch.Tensor, module: nn.Module) -> str | None:
     """Which of the loss, the gradient or the weights of `module` holds an inf or NaN, or None."""
     if not torch.isfinite(loss).all():
         return "GREBT loss"
-    parameters = [p for p in module.parameters()]
+    parameters = list(module.parameters())
     if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in parameters):
         return "gradient"
     if any(not torch.isfinite(p).all() for p in parameters):

@@ -38,7 +38,8 @@ def pytest_collection_finish(session):
     """With R2M_COLLECTED_IDS set (by scripts/gpu_check.sh), the selected test ids go to that file,
     so that a run cut short by its time limit can say which tests it did not reach."""
     path = os.environ.get("R2M_COLLECTED_IDS")
-    if path and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+    # One writer: xdist's first worker (or the only process); xdist's controller collects nothing.
+    if path and session.items and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
         with open(path, "w") as fh:
             fh.write("".join(f"{item.nodeid}\n" for item in session.items))
 

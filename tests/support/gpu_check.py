@@ -200,6 +200,10 @@ def _code(lines: list[str]) -> list[str]:
     return ["```", *lines, "```"]
 
 
+# The outcome word of a verbose pytest line, serial or from xdist.
+OUTCOME_WORD = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
 def pytest_counts(xml_path: Path, log_path: Path) -> tuple[dict, list[str], list[str]]:
     """({passed, failed, errors, skipped}, failed test ids, collection errors) from the junit
     XML, or from the verbose log where pytest was stopped before writing it."""
@@ -227,7 +231,7 @@ def pytest_counts(xml_path: Path, log_path: Path) -> tuple[dict, list[str], list
             counts.clear()
     # Verbose lines: "tests/x.py::test[p] PASSED [ 1%]" or, from xdist, "[gw0] [ 1%] PASSED tests/x.py::test[p]".
     for line in _clean_log(_read_log(log_path)):
-        match = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
+        match = OUTCOME_WORD.search(line)
         if match and "::" in line:
             outcome = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors"}.get(
                 match.group(1), "skipped")
@@ -256,7 +260,7 @@ def not_reached(collected_path: Path, xml_path: Path, log_path: Path) -> tuple[i
             reached.add(f"{case.get('classname', '')}.{case.get('name', '')}")
     except (OSError, ET.ParseError):
         for line in _clean_log(_read_log(log_path)):
-            if re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line):
+            if OUTCOME_WORD.search(line):
                 reached.update(_test_key(word) for word in line.split() if "::" in word)
     return len(collected), [nodeid for nodeid in collected if _test_key(nodeid) not in reached]
 
