@@ -23,6 +23,12 @@ MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterati
 
 DEVICES = ("auto", "cpu", "cuda")  # what each command's --device takes
 
+# The fields that decide the reward model's head, each with the R2MHead attribute it sets:
+# R2MRewardModel builds its head from them and saves them with it, and a trainer refuses a
+# reward model whose head disagrees with its r2m_config on any of them.
+HEAD_FIELDS = {"attn_dim": "attn_dim", "num_heads": "num_heads", "omega_floor": "omega_floor",
+               "head_backend": "backend"}
+
 
 class UsageError(ValueError):
     """A bad setting (a flag, a YAML value, or a model they do not fit): each `r2m` command reports
@@ -33,10 +39,9 @@ class UsageError(ValueError):
 class R2MConfig:
     """What R2M adds to a TRL run. Validated on construction: a ValueError names the field.
 
-    The head's settings belong to the R2MHead; this section only carries them to it, each by one
-    route: attn_dim and num_heads are the shape of the head that `r2m train` and `r2m experiment`
-    build; omega_floor and head_backend are set on the reward model's head once, by the trainer
-    (`configure_head`), and read from the head after that.
+    It is the one place that decides the head (HEAD_FIELDS): `R2MRewardModel(..., config=)` and
+    `R2MRewardModel.from_sequence_classifier(..., config=)` build the head from it, and a trainer
+    given a reward model whose head disagrees with its r2m_config refuses it (`check_head`).
     """
 
     _argument_group_name = "R2M"
@@ -78,10 +83,17 @@ class R2MConfig:
         if self.attn_dim % self.num_heads:
             raise ValueError(f"attn_dim ({self.attn_dim}) must be divisible by num_heads ({self.num_heads})")
 
-    def configure_head(self, head) -> None:
-        """Set this run's omega_floor and head_backend on `head` (an R2MHead)."""
-        head.omega_floor = self.omega_floor
-        head.backend = self.head_backend
+    def head_kwargs(self) -> dict:
+        """R2MHead's keyword arguments for the head this config describes."""
+        return {attribute: getattr(self, name) for name, attribute in HEAD_FIELDS.items()}
+
+    def check_head(self, head) -> None:
+        """ValueError naming the first head setting on which `head` (an R2MHead) disagrees."""
+        for name, attribute in HEAD_FIELDS.items():
+            if getattr(head, attribute) != getattr(self, name):
+                raise ValueError(f"reward_model's head has {name}={getattr(head, attribute)!r} but r2m_config has "
+                                 f"{name}={getattr(self, name)!r}: build the reward model from the run's R2MConfig "
+                                 "(R2MRewardModel.from_sequence_classifier(..., config=r2m_config))")
 
     @property
     def alpha(self) -> float:

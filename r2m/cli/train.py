@@ -127,7 +127,7 @@ def _load(name: str, loader, value: str):
         raise UsageError(f"{name}: cannot load {value}: {str(e).strip().splitlines()[0]}") from None
 
 
-def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
+def check_resume(output_dir: str, r2m_config, max_steps: int) -> str:
     """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -137,7 +137,7 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
         state = read_checkpoint_state(folder)
         read_head_weights(folder)
         # max_steps <= 0 (a length in epochs) is only known once TRL has the data; the trainer checks it
-        check_resumable(state, folder, mode, max_steps if max_steps > 0 else state["max_steps"])
+        check_resumable(state, folder, r2m_config.mode, max_steps if max_steps > 0 else state["max_steps"], r2m_config)
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
@@ -169,6 +169,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from r2m_kernels import BackendUnavailableError
 
     from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
+    from ..integrations.trl.trainers import REWARD_MODEL_FOLDER
     from ..reward_model import R2MRewardModel
 
     if not (script.policy and script.reward_model and script.prompts):
@@ -178,14 +179,13 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     policy_config = _load("policy", AutoConfig.from_pretrained, policy)
     tokenizer = _load("policy", lambda p: AutoTokenizer.from_pretrained(p, padding_side="left"), policy)
     prompts = load_prompts(script.prompts, tokenizer)
-    checkpoint = check_resume(args.output_dir, r2m_config.mode, args.max_steps) if script.resume else None
+    checkpoint = check_resume(args.output_dir, r2m_config, args.max_steps) if script.resume else None
     rm_model = _load("reward_model", lambda p: AutoModelForSequenceClassification.from_pretrained(p, num_labels=1),
                      rm_source)
     set_seed(args.seed)  # the head's initialisation, like everything after it, follows the seed
     rm = R2MRewardModel.from_sequence_classifier(
         rm_model, policy_config.get_text_config().hidden_size,
-        tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source),
-        attn_dim=r2m_config.attn_dim, num_heads=r2m_config.num_heads)
+        config=r2m_config, tokenizer=_load("reward_model", AutoTokenizer.from_pretrained, rm_source))
     trainer_cls = R2MRLOOTrainer if script.trainer == "rloo" else R2MGRPOTrainer
     try:
         trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
@@ -194,8 +194,11 @@ def train(script: TrainArguments, r2m_config, args) -> int:
         raise UsageError(str(e).strip().splitlines()[0]) from None
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
+    trainer.save_model()  # the policy in output_dir, the R2M reward model in output_dir/r2m_reward_model
     if trainer.accelerator.is_main_process:
-        print(f"metrics: {Path(args.output_dir) / 'trainer_state.json'} (log_history)")
+        out = Path(args.output_dir)
+        print(f"policy: {out}; reward model: {out / REWARD_MODEL_FOLDER} (R2MRewardModel.from_pretrained)")
+        print(f"metrics: {out / 'trainer_state.json'} (log_history)")
     return 0
 
 

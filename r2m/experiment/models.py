@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import UsageError
+from ..config import R2MConfig, UsageError
 from ..messages import turn_text
 from ..reward_model import R2MRewardModel
 from . import tasks
@@ -149,7 +149,7 @@ def fit_reward_model(policy, tokenizer, backbone, prompts: list, gold, *, k: int
     within each group of k samples of the initial policy, labelled by tasks.biased_preference.
     gold(prompt, text) -> float. Returns (score head reading raw RTEs, the fit's statistics)."""
     dim = backbone.config.hidden_size
-    placeholder = R2MRewardModel(backbone, nn.Linear(dim, 1), dim, attn_dim=8)
+    placeholder = R2MRewardModel(backbone, nn.Linear(dim, 1), dim, config=R2MConfig(attn_dim=8))
     samples = {"prompt": [], "text": [], "rte": [], "length": []}
     torch.manual_seed(seed)
     for start in range(0, len(prompts), batch_prompts):  # RL-step-sized batches: one big generate is slower on a CPU

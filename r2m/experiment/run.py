@@ -155,8 +155,7 @@ def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, see
     run_r2m = dataclasses.replace(r2m_config, mode=arm)
     set_seed(seed)  # the head's initialisation, like everything after it, follows the seed
     policy_dim = setup.reference.config.hidden_size
-    rm = R2MRewardModel(setup.backbone, copy.deepcopy(setup.score), policy_dim, attn_dim=run_r2m.attn_dim,
-                        num_heads=run_r2m.num_heads)
+    rm = R2MRewardModel(setup.backbone, copy.deepcopy(setup.score), policy_dim, config=run_r2m)
     rm.share_cache(setup.rte_cache)
     policy = load_policy(setup.folder, experiment.train_last_layers or None)
     judge = RecordingJudge(setup.judge)

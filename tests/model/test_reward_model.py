@@ -1,5 +1,5 @@
-"""R2MRewardModel on tiny random-weight Llamas: RTE extraction, padding, cache, re-tokenization,
-frozen backbone."""
+"""R2MRewardModel on tiny random-weight Llamas: the head from its R2MConfig, RTE extraction,
+padding, cache, the RM's inputs as TRL makes them, frozen backbone, save and reload."""
 
 import copy
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-from r2m import R2MRewardModel
+from r2m import R2MConfig, R2MRewardModel
 from r2m.experiment.tiny import tiny_llama_config, tiny_reward_backbone, tiny_tokenizer
 from r2m.tokens import last_valid_index
 
@@ -22,7 +22,7 @@ def tok():
 @pytest.fixture
 def rm(tok):
     backbone, score = tiny_reward_backbone(tok)
-    return R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=12, num_heads=3)
+    return R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=12, num_heads=3))
 
 
 def pad(rows, side, pad_id=0):
@@ -56,7 +56,7 @@ def test_rte_is_last_token_state_whatever_the_padding(rm, tok):
 
 def test_matches_transformers_sequence_classifier(tok):
     model = LlamaForSequenceClassification(tiny_llama_config(len(tok), hidden_size=24, num_labels=1)).eval()
-    rm = R2MRewardModel.from_sequence_classifier(model, POLICY_DIM, attn_dim=8)
+    rm = R2MRewardModel.from_sequence_classifier(model, POLICY_DIM, config=R2MConfig(attn_dim=8), tokenizer=tok)
     ids, mask = pad([[5, 9, 12, 40, 2], [5, 30, 2], [7] * 9], "right")
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
@@ -109,19 +109,33 @@ def test_backbone_frozen_only_head_trains(rm):
             assert torch.equal(value, before[name]), name
 
 
-def test_retokenizes_with_the_rm_tokenizer_when_it_differs(tok):
-    rm_tok = tiny_tokenizer(chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    backbone, score = tiny_reward_backbone(rm_tok)
-    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=rm_tok, attn_dim=8)
+def test_rm_inputs_are_what_trl_feeds_a_reward_model(tok):
+    """With a tokenizer the RM reads the text, re-tokenized as trl 1.16's _calculate_rewards does
+    (text prompts concatenated with their completions; no special tokens added; right padding),
+    whatever the policy's ids; without one it reads the policy's ids untouched."""
+    backbone, score = tiny_reward_backbone(tok)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tok, config=R2MConfig(attn_dim=8))
     policy_ids, policy_mask = pad([[5, 6, 7], [8]], "left")
-    ids, mask = rm.rm_inputs(["1+2=", "9+9="], ["3", "18!"], input_ids=policy_ids, attention_mask=policy_mask,
-                             policy_tokenizer=tok)
-    texts = [rm_tok.decode(row[m.bool()]) for row, m in zip(ids, mask)]
-    assert texts == ["[1+2=][3]", "[9+9=][18!]"]
-    # the same tokenizer (or none given) reuses the policy's ids untouched
-    same = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tok, attn_dim=8)
-    reused = same.rm_inputs(["x"], ["y"], input_ids=policy_ids, attention_mask=policy_mask, policy_tokenizer=tok)
+    ids, mask = rm.rm_inputs(["1+2=", "9+9="], ["3", "18!"], input_ids=policy_ids, attention_mask=policy_mask)
+    assert [tok.decode(row[m.bool()]) for row, m in zip(ids, mask)] == ["1+2=3", "9+9=18!"]
+    assert mask.tolist() == [[1] * 5 + [0, 0], [1] * 7]  # right padding
+    own = R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=8))
+    reused = own.rm_inputs(["x"], ["y"], input_ids=policy_ids, attention_mask=policy_mask)
     assert reused[0] is policy_ids and reused[1] is policy_mask
+
+
+def test_rte_is_at_the_token_the_sequence_classifier_scores(tok):
+    """A trailing token equal to the pad token (TRL sets pad = EOS when a tokenizer has no pad)
+    is passed over, as transformers' sequence classifier passes it over."""
+    rm_tok = tiny_tokenizer()
+    rm_tok.pad_token = None
+    backbone, score = tiny_reward_backbone(rm_tok)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=rm_tok, config=R2MConfig(attn_dim=8))
+    assert rm_tok.pad_token_id == rm_tok.eos_token_id == 2
+    ids, mask = pad([[5, 9, 12, 2], [5, 30, 31, 33, 2, 2], [7, 8]], "right", pad_id=2)
+    assert rm.reward_positions(ids, mask).tolist() == [2, 3, 1]
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(rm.compute_rte(ids, mask), hidden[[0, 1, 2], [2, 3, 1]], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_entries_own_their_storage(rm):
@@ -142,26 +156,116 @@ def test_cache_entries_own_their_storage(rm):
 
 def test_cache_size_default_and_check(tok):
     backbone, score = tiny_reward_backbone(tok)
-    assert R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8).cache_size == 4096
+    assert R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=8)).cache_size == 4096
     with pytest.raises(ValueError, match="cache_size"):
-        R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8, cache_size=-1)
-    rm = R2MRewardModel(backbone, score, POLICY_DIM, attn_dim=8, cache_size=0)  # 0: nothing kept
+        R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=8), cache_size=-1)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=8), cache_size=0)  # 0: nothing kept
     ids, mask = pad([[5, 6], [7]], "right")
     torch.testing.assert_close(rm.reward_token_embeddings(ids, mask), rm.compute_rte(ids, mask))
     assert len(rm._rte_cache) == 0
 
 
-def test_retokenizes_conversational_prompts(tok):
-    """TRL's conversational form (lists of role/content messages) keeps its turns when the RM
-    re-tokenizes; without a chat template the turns' texts are joined."""
+def test_conversational_prompts_go_through_the_rm_chat_template(tok):
+    """TRL's conversational form (lists of role/content messages): prompt and completion turns
+    through the RM tokenizer's chat template; without a template, one line naming the problem."""
     rm_tok = tiny_tokenizer(chat_template="{% for m in messages %}[{{ m['role'][0] }}:{{ m['content'] }}]{% endfor %}")
     backbone, score = tiny_reward_backbone(rm_tok)
-    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=rm_tok, attn_dim=8)
-    prompts = [[{"role": "system", "content": "brief"}, {"role": "user", "content": "1+2="}], "9+9="]
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=rm_tok, config=R2MConfig(attn_dim=8))
+    prompts = [[{"role": "system", "content": "brief"}, {"role": "user", "content": "1+2="}],
+               [{"role": "user", "content": "9+9="}]]
     responses = [[{"role": "assistant", "content": "3"}], "18"]
-    ids, mask = rm.rm_inputs(prompts, responses, policy_tokenizer=tok)
+    ids, mask = rm.rm_inputs(prompts, responses)
     assert [rm_tok.decode(row[m.bool()]) for row, m in zip(ids, mask)] == ["[s:brief][u:1+2=][a:3]", "[u:9+9=][a:18]"]
-    plain = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tiny_tokenizer(chat_template=None), attn_dim=8)
-    ids, mask = plain.rm_inputs(prompts, responses, policy_tokenizer=tok)
-    texts = [plain.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
-    assert texts == ["brief1+2=3", "9+9=18"]
+    plain = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tiny_tokenizer(chat_template=None),
+                           config=R2MConfig(attn_dim=8))
+    with pytest.raises(ValueError, match="no chat template"):
+        plain.rm_inputs(prompts, responses)
+
+
+def test_the_config_decides_the_head(tok):
+    """R2MConfig is the one place that decides the head: every head setting reaches it, and the
+    default reward model has R2MConfig()'s head."""
+    backbone, score = tiny_reward_backbone(tok)
+    config = R2MConfig(attn_dim=16, num_heads=2, omega_floor=0.2, head_backend="eager", mode="bt-only")
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, config=config)
+    head = rm.head
+    assert (head.attn_dim, head.num_heads, head.omega_floor, head.backend) == (16, 2, 0.2, "eager")
+    assert rm.config == config and rm.config is not config  # a copy: the caller's object stays the caller's
+    default = R2MRewardModel(backbone, score, POLICY_DIM).head
+    want = R2MConfig()
+    assert (default.attn_dim, default.num_heads, default.omega_floor) == (want.attn_dim, want.num_heads,
+                                                                           want.omega_floor)
+    config.check_head(head)
+    for name, value in (("attn_dim", 8), ("num_heads", 4), ("omega_floor", 0.3), ("head_backend", "torch")):
+        other = R2MConfig(**{**rm.config.__dict__, name: value})
+        with pytest.raises(ValueError, match=f"head has {name}=.* but r2m_config has {name}={value!r}"):
+            other.check_head(head)
+
+
+def _random_head(rm):
+    with torch.no_grad():
+        for p in rm.head.parameters():
+            p.copy_(torch.randn_like(p))
+
+
+def test_save_and_reload_without_a_path(tok, tmp_path):
+    """A reward model built from a backbone and a score head records no path: save_pretrained
+    writes the frozen RM too, and from_pretrained rebuilds the same rewards."""
+    backbone, score = tiny_reward_backbone(tok)
+    rm = R2MRewardModel(backbone, score, POLICY_DIM, tokenizer=tok,
+                        config=R2MConfig(attn_dim=12, num_heads=3, omega_floor=0.25, mode="gre-only"))
+    _random_head(rm)
+    rm.save_pretrained(tmp_path / "rm")
+    loaded = R2MRewardModel.from_pretrained(tmp_path / "rm")
+    assert loaded.config == rm.config and loaded.name_or_path is None
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+    ids, mask = loaded.rm_inputs(["1+2=", "30+4="], ["3", "34"])
+    hidden, hmask = torch.randn(2, 7, POLICY_DIM), torch.ones(2, 7, dtype=torch.long)
+    for model in (rm, loaded):
+        model.rewards = model(model.compute_rte(ids, mask), hidden, mask=hmask)
+    assert torch.equal(loaded.rewards, rm.rewards)
+    assert torch.equal(loaded.static_reward(loaded.compute_rte(ids, mask)), rm.static_reward(rm.compute_rte(ids, mask)))
+
+
+def test_save_and_reload_by_path(tok, tmp_path):
+    """A sequence classifier loaded from a folder is recorded by that path, its weights are not
+    written again, and from_pretrained loads it from there (or takes the one the user passes)."""
+    model = LlamaForSequenceClassification(tiny_llama_config(len(tok), hidden_size=24, num_labels=1)).eval()
+    model.save_pretrained(tmp_path / "seqcls")
+    tok.save_pretrained(tmp_path / "seqcls")
+    loaded_model = LlamaForSequenceClassification.from_pretrained(tmp_path / "seqcls", num_labels=1)
+    rm = R2MRewardModel.from_sequence_classifier(loaded_model, POLICY_DIM, config=R2MConfig(attn_dim=8))
+    assert rm.name_or_path == str(tmp_path / "seqcls") and rm.tokenizer is not None  # its tokenizer, as TRL loads it
+    _random_head(rm)
+    rm.save_pretrained(tmp_path / "r2m")
+    assert not (tmp_path / "r2m" / "reward_backbone").exists()
+    rte = rm.compute_rte(*rm.rm_inputs(["1+1="], ["2"]))
+    hidden = torch.randn(1, 4, POLICY_DIM)
+    for again in (R2MRewardModel.from_pretrained(tmp_path / "r2m"),
+                  R2MRewardModel.from_pretrained(tmp_path / "r2m", model=loaded_model)):
+        torch.testing.assert_close(again.compute_rte(*again.rm_inputs(["1+1="], ["2"])), rte)
+        assert torch.equal(again(rte, hidden), rm(rte, hidden))
+
+
+def test_reload_refuses_a_head_that_disagrees_with_its_config(tok, tmp_path):
+    """A head file whose tensors do not have the shapes its config gives, or a config of an
+    unknown format version, is refused in one line naming the file (and the tensor, both shapes)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    backbone, score = tiny_reward_backbone(tok)
+    R2MRewardModel(backbone, score, POLICY_DIM, config=R2MConfig(attn_dim=12, num_heads=3)).save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "r2m_config.json").read_text())
+    assert settings["r2m"]["attn_dim"] == 12 and settings["format_version"] == 1 and settings["reward_model"] is None
+    assert (settings["rm_dim"], settings["policy_dim"]) == (24, POLICY_DIM)
+    weights = load_file(tmp_path / "r2m_head.safetensors")
+    weights["q_proj.weight"] = torch.zeros(6, 24)
+    save_file(weights, tmp_path / "r2m_head.safetensors")
+    with pytest.raises(ValueError, match=r"r2m_head.safetensors: q_proj.weight has shape \(6, 24\); the head's config "
+                                         r"\(attn_dim=12, num_heads=3, .*\) gives \(12, 24\)$"):
+        R2MRewardModel.from_pretrained(tmp_path)
+    settings["format_version"] = 2
+    (tmp_path / "r2m_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="r2m_config.json has format_version 2; this r2m reads 1"):
+        R2MRewardModel.from_pretrained(tmp_path)

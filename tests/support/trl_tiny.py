@@ -56,12 +56,13 @@ def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=T
     policy = AutoModelForCausalLM.from_pretrained(models / "policy")
     rm_model = AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1)
     torch.manual_seed(1)
-    rm = R2MRewardModel.from_sequence_classifier(rm_model, POLICY_DIM, attn_dim=16, num_heads=2)
+    r2m_config = R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2)
+    rm = R2MRewardModel.from_sequence_classifier(rm_model, POLICY_DIM, config=r2m_config)
     prompts = (models / "prompts.txt").read_text().split()
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     trainer_cls = R2MGRPOTrainer if kind == "grpo" else R2MRLOOTrainer
     trainer = trainer_cls(policy, rm, args=trl_config(kind, output_dir, **overrides),
-                          r2m_config=R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2),
+                          r2m_config=r2m_config,
                           train_dataset=dataset, eval_dataset=dataset.select(range(eval_prompts)) if eval_prompts else None,
                           processing_class=tok, judge=tiny_judge_func if judge else None)
     return trainer, rm

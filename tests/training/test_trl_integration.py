@@ -283,15 +283,18 @@ def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):
     from tests.support.trl_tiny import trl_config
 
     rm = R2MRewardModel.from_sequence_classifier(
-        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), 40, attn_dim=8)
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), 40)
     with pytest.raises(ValueError, match="hidden states of size 40; the policy's hidden size is 32"):
         R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
                        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
 
 
-def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_path):
-    """omega_floor and head_backend reach the head once, from R2MConfig through the trainer, and
-    are read from the head: the schedule's floor, the GREBT loss's backend."""
+@pytest.mark.parametrize("name, value", [("attn_dim", 8), ("num_heads", 4), ("omega_floor", 0.45),
+                                         ("head_backend", "eager")])
+def test_a_reward_model_whose_head_disagrees_with_r2m_config_is_refused(models, tmp_path, name, value):
+    """R2MConfig decides the head: a reward model built with other head settings than the
+    trainer's r2m_config is an error naming both values, never a silent choice; without
+    r2m_config the trainer takes the reward model's own."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
 
@@ -300,17 +303,19 @@ def test_the_trainer_sets_the_r2m_configs_head_settings_on_the_head(models, tmp_
 
     from tests.support.trl_tiny import POLICY_DIM, trl_config
 
+    built = R2MConfig(attn_dim=16, num_heads=2, omega_floor=0.2, head_backend="torch")
     rm = R2MRewardModel.from_sequence_classifier(
-        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, attn_dim=8,
-        omega_floor=0.9, backend="torch")
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, config=built)
+    given = R2MConfig(**{**built.__dict__, name: value})
+    with pytest.raises(ValueError, match=f"head has {name}={getattr(built, name)!r} but r2m_config has "
+                                         f"{name}={value!r}"):
+        R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path), r2m_config=given,
+                       train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
     trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
-                             r2m_config=R2MConfig(omega_floor=0.45, head_backend="eager"),
                              train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
-    assert (rm.head.omega_floor, rm.head.backend, trainer.head_update.loss.backend) == (0.45, "eager", "auto")
+    assert trainer.r2m_config == built and trainer.head_update.loss.backend == "torch"
     trainer.state.global_step, trainer.state.max_steps = 3, 3
-    assert trainer._r2m_omega() == 0.45
-    with pytest.raises(ValueError, match="omega_floor"):
-        rm.head.omega_floor = 1.5
+    assert trainer._r2m_omega() == 0.2
 
 
 def test_a_head_backend_that_cannot_run_fails_in_the_constructor(models, tmp_path):
@@ -325,7 +330,8 @@ def test_a_head_backend_that_cannot_run_fails_in_the_constructor(models, tmp_pat
     from tests.support.trl_tiny import POLICY_DIM, trl_config
 
     rm = R2MRewardModel.from_sequence_classifier(
-        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM, attn_dim=8)
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1), POLICY_DIM,
+        config=R2MConfig(head_backend="cuda"))
     with pytest.raises(BackendUnavailableError, match="head_backend='cuda' cannot run on cpu"):
         R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
                        r2m_config=R2MConfig(head_backend="cuda"), train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))

@@ -12,14 +12,16 @@ Both are TRL's own trainers plus `R2MTrainerMixin`, which takes an `R2MRewardMod
   (with `num_iterations > 1` they are the refreshed policy's), and after that iteration takes one
   GREBT step on the head with the groups of K completions (`r2m.head_update`, exact across
   processes);
-- saves the head and its optimizer in TRL's checkpoints and restores them on resume.
+- saves the head and its optimizer in TRL's checkpoints and restores them on resume, and the
+  reward model beside the policy in `save_model` (OUTPUT_DIR/r2m_reward_model).
 
 Modules: `trainers` (the mixin and the two trainers), `checkpoints` (the R2M state in a
 checkpoint folder), `trl_internals` (every use of TRL's private methods and attributes, with
 the TRL version each was read from).
 """
 
-from .checkpoints import HEAD_FILE, STATE_FILE, check_resumable, read_checkpoint_state, read_head_weights
+from ...reward_model import HEAD_FILE, read_head_weights
+from .checkpoints import STATE_FILE, check_resumable, read_checkpoint_state
 from .trainers import R2MGRPOTrainer, R2MReward, R2MRLOOTrainer, R2MTrainerMixin
 from .trl_internals import TESTED_TRL
 

@@ -11,6 +11,7 @@ that has to cross TRL's calls is set in one place and taken in one place:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from ...metrics import pairwise_agreement
 from ...reward_model import R2MRewardModel
 from ...schedule import omega as omega_schedule
 from . import trl_internals
+
+REWARD_MODEL_FOLDER = "r2m_reward_model"  # save_model's folder for the reward model, inside the policy's
 from .checkpoints import SaveR2MState, load_r2m_state
 
 
@@ -76,7 +79,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
     """The R2M part of `R2MGRPOTrainer` and `R2MRLOOTrainer` (see `r2m.integrations.trl`).
 
     reward_model: an R2MRewardModel whose head reads the policy's hidden size. r2m_config: the
-    R2M section (mode, head; its omega_floor and head_backend are set on reward_model.head).
+    R2M section (mode, head); None takes the reward model's own (`reward_model.config`). A
+    reward model whose head disagrees with r2m_config (R2MConfig.check_head) is refused.
     judge: optional, a function in TRL's reward-function form (prompts=, completions=,
     completion_ids=, dataset columns as keywords) -> list of floats, a gold reward that is
     logged (`r2m/gold_reward`), never optimised. reward_funcs: further TRL reward functions,
@@ -87,8 +91,9 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
                  judge=None, reward_funcs=None, **kwargs):
         if not isinstance(reward_model, R2MRewardModel):
             raise TypeError(f"reward_model must be an R2MRewardModel; got {type(reward_model).__name__}")
-        self.r2m_config = r2m_config if r2m_config is not None else R2MConfig()
+        self.r2m_config = r2m_config if r2m_config is not None else reward_model.config
         self.r2m_config.validate()
+        self.r2m_config.check_head(reward_model.head)  # before TRL loads anything
         self.reward_model, self.judge = reward_model, judge
         self._r2m_reward = R2MReward()
         extra = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
@@ -99,7 +104,6 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             raise ValueError(f"reward_model's head reads hidden states of size {reward_model.head.k_proj.in_features}; "
                              f"the policy's hidden size is {policy_dim}")
         self._r2m_check_save_steps()
-        self.r2m_config.configure_head(reward_model.head)
         reward_model.to(self.accelerator.device)
         check_head_backend(reward_model.head.backend, self.accelerator.device)  # before training, not at a reward
         broadcast_parameters(reward_model.head)
@@ -196,11 +200,11 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             input_ids, attention_mask = trl_internals.generated_batch(self, generation.prompt_ids,
                                                                       generation.completion_ids)
             hidden = None
+        # the RM reads what TRL would feed it as a reward model, without autocast as TRL runs it
         rm_ids, rm_mask = self.reward_model.rm_inputs(prompts, completions, input_ids=input_ids,
                                                       attention_mask=attention_mask,
-                                                      policy_tokenizer=trl_internals.tokenizer(self))
-        with self.accelerator.autocast():
-            rte = self.reward_model.reward_token_embeddings(rm_ids, rm_mask)
+                                                      chat_template_kwargs=trl_internals.chat_template_kwargs(self))
+        rte = self.reward_model.reward_token_embeddings(rm_ids, rm_mask)
         batch = _ScoredBatch(rte, hidden, attention_mask, self._r2m_omega())
         rewards = self.head_update.rewards(batch.rte, batch.hidden, batch.attention_mask, batch.omega)
         # Counted over every process, so that all of them stop together.
@@ -262,6 +266,17 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             raise NonFiniteError(f"training step {self.state.global_step + 1}: {e}") from None
         trl_internals.log_metric(self, "r2m/grebt_loss", result["loss"])
         trl_internals.log_metric(self, "r2m/update_ms", result["ms"])
+
+    # saving ------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """TRL's save of the policy, then the R2M reward model beside it in
+        OUTPUT_DIR/r2m_reward_model (R2MRewardModel.save_pretrained), written by the main process
+        only. A checkpoint (an internal call with its folder) gets the head from SaveR2MState
+        instead; push_to_hub's internal call (no folder) saves it like a user's call."""
+        super().save_model(output_dir, _internal_call)
+        if (output_dir is None or not _internal_call) and self.args.should_save:
+            self.reward_model.save_pretrained(os.path.join(output_dir or self.args.output_dir, REWARD_MODEL_FOLDER))
 
     # checkpoints (saved by the SaveR2MState callback) --------------------------------------------
 

@@ -18,7 +18,8 @@ import warnings
 import torch
 import trl
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import pad
+
+from ...tokens import generated_layout
 
 TESTED_TRL = ("1.16",)  # minor versions this file was read from; pinned in r2m[trl]
 if ".".join(trl.__version__.split(".")[:2]) not in TESTED_TRL:
@@ -122,24 +123,24 @@ def policy_forward(trainer, input_ids, attention_mask) -> None:
 
 def generated_batch(trainer, prompt_ids, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of a generated batch, laid out as trl 1.16.0's
-    _generate_and_score_completions lays it out for its forwards: left-padded prompts,
-    right-padded completions (to `pad_to_multiple_of`), truncated completions (no EOS or pad at
-    the end) masked out when `mask_truncated_completions`."""
-    device, pad_id = trainer.accelerator.device, tokenizer(trainer).pad_token_id
-
-    def padded(rows, value, side):
-        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=trainer.pad_to_multiple_of).to(device)
-
-    prompts = [torch.tensor(ids) for ids in prompt_ids]
-    completions = [torch.tensor(ids) for ids in completion_ids]
-    prompt_mask = padded([torch.ones_like(t) for t in prompts], 0, "left")
-    completion_mask = padded([torch.ones_like(t) for t in completions], 0, "right")
+    _generate_and_score_completions lays it out for its forwards (r2m.tokens.generated_layout,
+    to `pad_to_multiple_of`), truncated completions (no EOS or pad at the end) masked out when
+    `mask_truncated_completions`."""
+    pad_id = tokenizer(trainer).pad_token_id
+    truncated = None
     if trainer.mask_truncated_completions:
         ends = [*trainer.eos_token_ids, pad_id]
-        truncated = torch.tensor([ids[-1] not in ends for ids in completion_ids], device=device)
-        completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
-    input_ids = torch.cat([padded(prompts, pad_id, "left"), padded(completions, pad_id, "right")], dim=1)
-    return input_ids, torch.cat([prompt_mask, completion_mask], dim=1)
+        truncated = [ids[-1] not in ends for ids in completion_ids]
+    input_ids, attention_mask = generated_layout(prompt_ids, completion_ids, pad_id, trainer.pad_to_multiple_of,
+                                                 truncated)
+    device = trainer.accelerator.device
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def chat_template_kwargs(trainer) -> dict:
+    """trl 1.16.0's `chat_template_kwargs` (args.chat_template_kwargs or {}): what its reward
+    path passes to a reward model tokenizer's chat template."""
+    return trainer.chat_template_kwargs
 
 
 def tokenizer(trainer):
