@@ -386,3 +386,57 @@ def test_iterative_head_trains_only_the_score_head(models, tmp_path):
     torch.testing.assert_close(second["rewards"], expected)
     want_loss = GREBTLoss(alpha=0.3)(first["rm_rewards"], group_size=4).item()
     assert logged[0]["r2m/grebt_loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("conversational, rm_has_pad", [(True, True), (True, False), (False, True)])
+def test_static_reward_is_trls_reward(models, tmp_path, conversational, rm_has_pad):
+    """Mode static gives exactly the reward TRL's own GRPOTrainer computes with the same
+    sequence-classification RM as reward_funcs (trl's _calculate_rewards, run on the same
+    completions): the RM re-reads the decoded text through its chat template, or text prompt +
+    completion, and scores the token transformers' classifier picks. Without a pad token the RM
+    tokenizer pads with EOS (as TRL sets it), so a trailing EOS is passed over."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from r2m import R2MRewardModel
+    from r2m.integrations.trl import R2MGRPOTrainer
+
+    from tests.support.trl_tiny import POLICY_DIM, trl_config
+
+    rm_dir = models / "rm"
+    if not rm_has_pad:
+        rm_dir = tmp_path / "rm_without_pad"
+        rm_tok = AutoTokenizer.from_pretrained(models / "rm")
+        rm_tok.pad_token = None
+        AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1).save_pretrained(rm_dir)
+        rm_tok.save_pretrained(rm_dir)
+    prompts = (models / "prompts.txt").read_text().split()
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts] if conversational
+                                 else prompts})
+    policy_tok = AutoTokenizer.from_pretrained(models / "policy", padding_side="left")
+    config = R2MConfig(mode="static", attn_dim=16)
+    rm = R2MRewardModel.from_sequence_classifier(
+        AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1), POLICY_DIM, config=config)
+    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path / "r2m", max_steps=2,
+                                                                         max_completion_length=12),
+                             r2m_config=config, train_dataset=dataset, processing_class=policy_tok)
+    scored, score = [], trainer._r2m_score
+
+    def record(inputs, prompts, completions, completion_ids):
+        score(inputs, prompts, completions, completion_ids)
+        scored.append((inputs, prompts, completions, completion_ids, torch.tensor(trainer._r2m_reward.values)))
+
+    trainer._r2m_score = record
+    trainer.train()
+    trl_trainer = GRPOTrainer(str(models / "policy"), args=trl_config("grpo", tmp_path / "trl"),
+                              reward_funcs=AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1),
+                              train_dataset=dataset, processing_class=policy_tok)
+    assert len(scored) == 2
+    for inputs, prompts, completions, completion_ids, r2m_rewards in scored:
+        want = trl_trainer._calculate_rewards(inputs, prompts, completions, completion_ids)[:, 0]
+        torch.testing.assert_close(r2m_rewards, want, rtol=1e-5, atol=1e-6)
+    if not rm_has_pad:  # the chat template ends the text with EOS, now the pad token: passed over
+        ids, mask = rm.rm_inputs(scored[0][1], scored[0][2])
+        assert rm.tokenizer.pad_token_id == rm.tokenizer.eos_token_id
+        assert (rm.reward_positions(ids, mask) < mask.sum(-1) - 1).all()
