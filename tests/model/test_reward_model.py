@@ -269,3 +269,32 @@ def test_reload_refuses_a_head_that_disagrees_with_its_config(tok, tmp_path):
     (tmp_path / "r2m_config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="r2m_config.json has format_version 2; this r2m reads 1"):
         R2MRewardModel.from_pretrained(tmp_path)
+
+
+def test_score_lays_out_pairs_as_trl_lays_out_a_generated_batch(tok):
+    """score(): the prompt through the policy tokenizer's chat template (generation prompt
+    added), left-padded; the completion's tokens plus EOS where it ended, right-padded; one
+    forward of the policy's backbone, whose hidden states the head reads (mode r2m), or none
+    (mode static: the RM's own reward)."""
+    from r2m.experiment.tiny import tiny_policy
+
+    policy = tiny_policy(tok, hidden_size=16)
+    backbone, score = tiny_reward_backbone(tok)
+    rm = R2MRewardModel(backbone, score, 16, tokenizer=tok, config=R2MConfig(attn_dim=8))
+    seen = []
+    policy.model.register_forward_hook(lambda m, a, kw, out: seen.append((kw["input_ids"], kw["attention_mask"])),
+                                       with_kwargs=True)
+    prompts = [[{"role": "user", "content": "1+2="}], [{"role": "user", "content": "10+20="}]]
+    completions = [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "30!"}]]
+    rewards = rm.score(policy, tok, prompts, completions, omega=0.5, ended=[True, False])
+    ids, mask = seen[0]
+    texts = [tok.decode(row[m.bool()]) for row, m in zip(ids, mask)]
+    assert texts == ["<u>1+2=</s><a>3</s>", "<u>10+20=</s><a>30!"]
+    assert mask.tolist() == [[0, 0] + [1] * 9 + [0], [1] * 12]
+    rte = rm.compute_rte(*rm.rm_inputs(prompts, completions))
+    hidden = policy.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(rewards, rm(rte, hidden, mask=mask, omega=0.5))
+    static = R2MRewardModel(backbone, score, 16, tokenizer=tok, config=R2MConfig(mode="static"))
+    seen.clear()
+    torch.testing.assert_close(static.score(policy, tok, prompts, completions), static.static_reward(rte))
+    assert not seen

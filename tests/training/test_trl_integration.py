@@ -440,3 +440,53 @@ def test_static_reward_is_trls_reward(models, tmp_path, conversational, rm_has_p
         ids, mask = rm.rm_inputs(scored[0][1], scored[0][2])
         assert rm.tokenizer.pad_token_id == rm.tokenizer.eos_token_id
         assert (rm.reward_positions(ids, mask) < mask.sum(-1) - 1).all()
+
+
+def test_save_model_then_reload_and_score_as_the_trainer_scored(models, tmp_path):
+    """trainer.save_model() writes the policy and, in OUTPUT_DIR/r2m_reward_model, the reward
+    model (head, config, the RM by its path); reloaded, R2MRewardModel.score gives the rewards
+    the trainer computed for the same (prompt, completion) pairs, given the policy and head as
+    they were at that scoring (omega < 1, so the head's term counts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2m import R2MRewardModel
+
+    trainer, rm = make_trainer(models, "grpo", tmp_path / "out", max_steps=3)
+    tok = trainer.processing_class
+    scored, score = [], trainer._r2m_score
+
+    def record(inputs, prompts, completions, completion_ids):
+        state = dict(policy=snapshot(trainer.model), head=snapshot(rm.head), omega=trainer._r2m_omega())
+        score(inputs, prompts, completions, completion_ids)
+        scored.append(dict(state, prompts=prompts, completions=completions, ids=completion_ids,
+                           rewards=torch.tensor(trainer._r2m_reward.values)))
+
+    trainer._r2m_score = record
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"r2m_config.json", "r2m_head.safetensors"} <= {p.name for p in (out / "r2m_reward_model").iterdir()}
+    assert not (out / "r2m_reward_model" / "reward_backbone").exists()  # the RM is recorded by its path
+    loaded = R2MRewardModel.from_pretrained(out / "r2m_reward_model")
+    assert loaded.config == trainer.r2m_config and loaded.name_or_path == str(models / "rm")
+    for name, value in rm.head.state_dict().items():
+        assert torch.equal(loaded.head.state_dict()[name], value), name
+
+    batch = scored[2]
+    assert batch["omega"] == 0.6
+    # the pairs whose completion tokens are their text's (a random policy also samples special
+    # tokens, which the decoded text drops), EOS included where the completion ended with it
+    ended = [ids[-1] == tok.eos_token_id for ids in batch["ids"]]
+    rows = [i for i, (c, ids, e) in enumerate(zip(batch["completions"], batch["ids"], ended))
+            if tok(text=c[0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * e == list(ids)]
+    assert len(rows) >= 3
+    policy = AutoModelForCausalLM.from_pretrained(models / "policy")
+    policy.load_state_dict(batch["policy"])
+    loaded.head.load_state_dict(batch["head"])
+    rewards = loaded.score(policy, AutoTokenizer.from_pretrained(models / "policy"),
+                           [batch["prompts"][i] for i in rows], [batch["completions"][i] for i in rows],
+                           omega=batch["omega"], ended=[ended[i] for i in rows])
+    torch.testing.assert_close(rewards, batch["rewards"][rows], rtol=1e-5, atol=1e-6)
+    assert (rewards - loaded.static_reward(loaded.reward_token_embeddings(
+        *loaded.rm_inputs([batch["prompts"][i] for i in rows], [batch["completions"][i] for i in rows])))).abs().max() > 1e-4
