@@ -63,6 +63,7 @@ def test_same_seed_same_metrics_and_resume(models, tmp_path, capsys):
 
     fails_with(first + ["--resume", "true", "--mode", "static"], capsys, "resume:", "mode 'r2m'", "'static'")
     fails_with(first + ["--resume", "true", "--max_steps", "5"], capsys, "resume:", "max_steps=3", "max_steps=5")
+    fails_with(first + ["--resume", "true", "--num_heads", "2"], capsys, "resume:", "num_heads=1", "num_heads=2")
     fails_with(command(models, tmp_path / "empty", "--resume", "true"), capsys, "resume: no checkpoint")
 
 
@@ -106,6 +107,27 @@ def test_a_head_that_turns_non_finite_stops_the_run_before_a_reward_or_checkpoin
     assert "Traceback" not in err
     for checkpoint in out.glob("checkpoint-*"):
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "r2m_head.safetensors").values())
+
+
+def test_the_policy_and_the_reward_model_are_saved_at_the_end(models, tmp_path, capsys):
+    """`r2m train` ends by saving the policy in OUTPUT_DIR and the R2M reward model in
+    OUTPUT_DIR/r2m_reward_model, with the head the R2M flags describe and the trained weights."""
+    from safetensors.torch import load_file
+
+    from r2m import R2MRewardModel
+
+    out = tmp_path / "out"
+    argv = command(models, out, "--trainer", "grpo", "--num_heads", "2", "--omega_floor", "0.3",
+                   "--save_strategy", "steps", "--save_steps", "2")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"reward model: {out / 'r2m_reward_model'}" in printed
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    rm = R2MRewardModel.from_pretrained(out / "r2m_reward_model")
+    assert (rm.head.attn_dim, rm.head.num_heads, rm.head.omega_floor) == (8, 2, 0.3)
+    assert rm.config.head_learning_rate == 1e-2 and rm.name_or_path == str(models / "rm")
+    trained = load_file(out / "checkpoint-2" / "r2m_head.safetensors")
+    assert all(torch.equal(rm.head.state_dict()[name], value) for name, value in trained.items())
 
 
 def test_rloo_from_a_yaml_file(models, tmp_path):

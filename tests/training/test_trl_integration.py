@@ -314,6 +314,8 @@ def test_a_reward_model_whose_head_disagrees_with_r2m_config_is_refused(models, 
     trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
                              train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
     assert trainer.r2m_config == built and trainer.head_update.loss.backend == "torch"
+    assert trainer.head_update.optimizer.param_groups[0]["lr"] == built.head_learning_rate
+    assert trainer.head_update.loss.alpha == built.grebt_alpha
     trainer.state.global_step, trainer.state.max_steps = 3, 3
     assert trainer._r2m_omega() == 0.2
 
