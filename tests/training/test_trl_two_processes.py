@@ -35,7 +35,8 @@ def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     models = save_tiny_models(tmp_path / "models")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent.parent))
+    # the repository root: with tests/ itself on the path, tests/kernels shadows the `kernels` package transformers imports
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(SCRIPT), str(models), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -63,10 +64,12 @@ def test_two_ranks_match_one_process(tmp_path):
         assert update0["omega"] < 1 or update0 is ranks[0]["updates"][0]
         for name, p in head.named_parameters():
             assert torch.equal(update0["grads"][name], update1["grads"][name]), name
-            torch.testing.assert_close(update0["grads"][name], p.grad, rtol=0, atol=1e-6, msg=name)
+            # the all-reduce sums in another order: float32 rounding relative to the gradient's size
+            torch.testing.assert_close(update0["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
         assert any(g.abs().max() > 1e-4 for g in update0["grads"].values())
-    # at omega < 1 every parameter has a gradient, so the comparison above covers the attention block
+    # at omega < 1 every weight has a gradient, so the comparison above covers the attention block
+    # (not score.bias: GREBT is unchanged by a shift of every reward, so its gradient is 0 up to rounding)
     last = ranks[0]["updates"][-1]
-    assert last["omega"] < 1 and all(g.abs().max() > 0 for g in last["grads"].values())
+    assert last["omega"] < 1 and all(g.abs().max() > 0 for name, g in last["grads"].items() if name != "score.bias")
     for name, value in ranks[0]["head"].items():
         assert torch.equal(value, ranks[1]["head"][name]), name
