@@ -228,7 +228,8 @@ class R2MRewardModel(nn.Module):
         text, or TRL's [{"role": "assistant", "content": text}]. ended: whether each completion
         ended with EOS (one bool for all, or one per pair; False for one cut at the length limit).
         omega: the weight of the RM's own embedding (docs/design.md §1.2); None is the evaluation
-        weight omega_floor. In mode static the reward is the RM's own, in iterative-head phi(rte)."""
+        weight omega_floor. In mode static the reward is the RM's own, in iterative-head phi(rte);
+        in every other mode, noise included, the head reads the policy's hidden states."""
         from .capture import HiddenStateCapture, policy_backbone
 
         if len(prompts) != len(completions) or not prompts:

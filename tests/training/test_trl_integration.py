@@ -311,11 +311,14 @@ def test_a_reward_model_whose_head_disagrees_with_r2m_config_is_refused(models, 
                                          f"{name}={value!r}"):
         R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path), r2m_config=given,
                        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
-    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path),
+    run = R2MConfig(**{**built.__dict__, "mode": "bt-only", "head_learning_rate": 0.5})  # the head's settings agree
+    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path), r2m_config=run,
                              train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
-    assert trainer.r2m_config == built and trainer.head_update.loss.backend == "torch"
-    assert trainer.head_update.optimizer.param_groups[0]["lr"] == built.head_learning_rate
-    assert trainer.head_update.loss.alpha == built.grebt_alpha
+    assert rm.config == run  # what save_model records is the run's
+    assert trainer.head_update.optimizer.param_groups[0]["lr"] == 0.5 and trainer.head_update.loss.alpha == 0.0
+    trainer = R2MGRPOTrainer(str(models / "policy"), rm, args=trl_config("grpo", tmp_path), r2m_config=None,
+                             train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}))
+    assert trainer.r2m_config == run and trainer.head_update.loss.backend == "torch"
     trainer.state.global_step, trainer.state.max_steps = 3, 3
     assert trainer._r2m_omega() == 0.2
 

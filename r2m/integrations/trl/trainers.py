@@ -94,6 +94,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self.r2m_config = r2m_config if r2m_config is not None else reward_model.config
         self.r2m_config.validate()
         self.r2m_config.check_head(reward_model.head)  # before TRL loads anything
+        reward_model.config = self.r2m_config  # what save_model records: this run's mode and training
         self.reward_model, self.judge = reward_model, judge
         self._r2m_reward = R2MReward()
         extra = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
