@@ -96,6 +96,8 @@ class R2MRewardModel(nn.Module):
             raise ValueError(f"{type(model).__name__} has no linear `score` head with one output; "
                              "build R2MRewardModel(backbone, score_head, ...) directly")
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or None
+        if name_or_path is not None and os.path.isdir(name_or_path):
+            name_or_path = os.path.abspath(name_or_path)  # a relative folder would move with the working directory
         if tokenizer is None:
             if name_or_path is None:
                 raise ValueError(f"{type(model).__name__} records no name or path to load its tokenizer from: "
