@@ -298,3 +298,23 @@ def test_score_lays_out_pairs_as_trl_lays_out_a_generated_batch(tok):
     seen.clear()
     torch.testing.assert_close(static.score(policy, tok, prompts, completions), static.static_reward(rte))
     assert not seen
+
+
+def test_generated_layout_is_trls():
+    """generated_layout: left-padded prompts and right-padded completions, to a multiple when
+    asked, flagged completions masked out; the same tensors trl's own `pad` builds."""
+    from r2m.tokens import generated_layout
+
+    prompts, completions = [[5, 6], [7, 8, 9]], [[10, 2], [11, 12, 13, 14]]
+    ids, mask = generated_layout(prompts, completions, 0, pad_to_multiple_of=4, masked_completions=[False, True])
+    assert ids.tolist() == [[0, 0, 5, 6, 10, 2, 0, 0], [0, 7, 8, 9, 11, 12, 13, 14]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]]
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+
+    def padded(rows, value, side):
+        return trl_utils.pad([torch.tensor(r) for r in rows], padding_value=value, padding_side=side)
+
+    ids, mask = generated_layout(prompts, completions, 0)
+    assert torch.equal(ids, torch.cat([padded(prompts, 0, "left"), padded(completions, 0, "right")], 1))
+    ones = [[1] * len(r) for r in prompts], [[1] * len(r) for r in completions]
+    assert torch.equal(mask, torch.cat([padded(ones[0], 0, "left"), padded(ones[1], 0, "right")], 1))
