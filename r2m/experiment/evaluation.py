@@ -97,7 +97,8 @@ class HeldOutEvaluation(TrainerCallback):
                                for p, t in zip(prompts, texts)]
                 gold = torch.tensor([float(g) for g in self.judge(prompts=prompts, completions=completions)])
                 rm = trainer.reward_model
-                rte = rm.reward_token_embeddings(*rm.rm_inputs(prompts, completions, input_ids=ids, attention_mask=mask))
+                rte = rm.reward_token_embeddings(*rm.rm_inputs(prompts, completions, input_ids=ids,
+                                                               attention_mask=mask))
                 omega = trainer._r2m_omega()
                 reward = trainer.head_update.rewards(rte, hidden, mask, omega).cpu()
                 rm_reward = rm.static_reward(rte).cpu()

@@ -35,7 +35,7 @@ def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     models = save_tiny_models(tmp_path / "models")
-    # the repository root: with tests/ itself on the path, tests/kernels shadows the `kernels` package transformers imports
+    # the repository root: with tests/ on the path, tests/kernels shadows the `kernels` package transformers imports
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(SCRIPT), str(models), str(tmp_path)]

@@ -25,9 +25,9 @@ from ...metrics import pairwise_agreement
 from ...reward_model import R2MRewardModel
 from ...schedule import omega as omega_schedule
 from . import trl_internals
+from .checkpoints import SaveR2MState, load_r2m_state
 
 REWARD_MODEL_FOLDER = "r2m_reward_model"  # save_model's folder for the reward model, inside the policy's
-from .checkpoints import SaveR2MState, load_r2m_state
 
 
 class R2MReward:
