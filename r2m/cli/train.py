@@ -8,6 +8,7 @@ the field, exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,7 +50,7 @@ def parse(argv: list[str]):
 
     from ..config import R2MConfig
 
-    from_yaml, picked = prescan(argv, ("trainer", "device", "policy", "num_generations"))
+    from_yaml, picked = prescan(argv, ("trainer", "device", "policy", "num_generations", "save_steps"))
     trainer = choice("trainer", picked["trainer"], TRAINERS)
     try:
         num_generations = int(picked["num_generations"])
@@ -66,6 +67,13 @@ def parse(argv: list[str]):
         defaults.update(use_cpu=True, bf16=False)
     script, r2m_config, args = make_parser(sections, defaults, "r2m train", HELP).parse_args_and_config(argv)
     check_backend_runs(r2m_config, on_cpu)
+    if picked["save_steps"] is not None:  # the trainer aligns only TRL's default; this one the user chose
+        from ..integrations.trl.trainers import SaveStepsError, checked_save_steps
+
+        try:
+            checked_save_steps(args, args.max_steps, given=True)
+        except SaveStepsError as e:
+            raise UsageError(str(e)) from None
     return script, r2m_config, args
 
 
@@ -169,6 +177,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from r2m_kernels import BackendUnavailableError
 
     from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
+    from ..integrations.trl.trainers import SaveStepsError
     from ..reward_model import R2MRewardModel
 
     if not (script.policy and script.reward_model and script.prompts):
@@ -192,11 +201,29 @@ def train(script: TrainArguments, r2m_config, args) -> int:
                               train_dataset=Dataset.from_dict({"prompt": prompts}))
     except (ValueError, BackendUnavailableError) as e:  # TRL's and R2M's checks of the settings together
         raise UsageError(str(e).strip().splitlines()[0]) from None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except SaveStepsError as e:  # a save_steps ratio of a length in epochs, checked once that length is known
+        raise UsageError(str(e)) from None
     trainer.save_state()
     if trainer.accelerator.is_main_process:
         print(f"metrics: {Path(args.output_dir) / 'trainer_state.json'} (log_history)")
     return 0
+
+
+@contextlib.contextmanager
+def _no_empty_output_dir(output_dir: str):
+    """On an error, remove output_dir if this run created it and wrote nothing in it (the
+    Trainer creates it in its constructor, before R2M's checks and TRL's run)."""
+    existed = os.path.exists(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(output_dir):
+            for folder, _, _ in sorted(os.walk(output_dir), reverse=True):  # deepest first; rmdir keeps any file
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
 
 
 def main(argv: list[str]) -> int:
@@ -204,7 +231,8 @@ def main(argv: list[str]) -> int:
 
     try:
         script, r2m_config, args = parse(argv)
-        return train(script, r2m_config, args)
+        with _no_empty_output_dir(args.output_dir):
+            return train(script, r2m_config, args)
     except UsageError as e:
         print(f"r2m train: error: {e}", file=sys.stderr)
         return 2

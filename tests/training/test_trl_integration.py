@@ -268,9 +268,39 @@ def test_the_pi_old_pass_is_the_first_policy_forward_after_generation(models, tm
     assert trainer._r2m_policy_states(generation) is seen
 
 
-def test_checkpoints_must_fall_between_generation_batches(models, tmp_path):
-    with pytest.raises(ValueError, match="save_steps \\(3\\) must be a multiple of .* \\(2 = "):
-        make_trainer(models, "grpo", tmp_path, num_iterations=2, save_strategy="steps", save_steps=3)
+def test_checkpoints_must_fall_between_generation_batches(models, tmp_path, caplog):
+    """With 3 optimizer steps per generation batch (num_iterations 3): TRL's default save_steps
+    (500) is aligned to the nearest multiple, 501, said once; a save_steps given that is not a
+    multiple is refused naming the nearest valid ones, a ratio of max_steps as well, and a ratio
+    of a length in epochs when training begins, before any step."""
+    from r2m.integrations.trl.trainers import SaveStepsError
+
+    with caplog.at_level("WARNING", logger="r2m"):
+        trainer, _ = make_trainer(models, "grpo", tmp_path / "a", num_iterations=3, save_strategy="steps")
+    notes = [r.getMessage() for r in caplog.records if "save_steps" in r.getMessage()]
+    assert trainer.args.save_steps == 501 and len(notes) == 1, notes
+    assert "TRL's default 500 is not a multiple of the optimizer steps per generation batch (3 = " in notes[0]
+    assert notes[0].endswith("checkpoints every 501 steps instead")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r2m"):
+        trainer, _ = make_trainer(models, "grpo", tmp_path / "b", num_iterations=2, save_strategy="steps")
+    assert trainer.args.save_steps == 500 and not caplog.records  # already a multiple of 2
+    with pytest.raises(SaveStepsError, match=r"^save_steps \(7\) must be a multiple of .* \(3 = .*valid: 6 or 9$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=3, save_strategy="steps", save_steps=7)
+    with pytest.raises(SaveStepsError, match=r"^save_steps \(2\) must be .*valid: 3$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=3, save_strategy="steps", save_steps=2)
+    with pytest.raises(SaveStepsError, match=r"save_steps \(0.25 of max_steps 10 = 3 steps\) .* \(2 = .*: 2 or 4$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=2, max_steps=10, save_strategy="steps", save_steps=0.25)
+    ratio, _ = make_trainer(models, "grpo", tmp_path / "c", num_iterations=2, max_steps=10, save_strategy="steps",
+                            save_steps=0.2)
+    assert ratio.args.save_steps == 0.2
+    in_epochs, _ = make_trainer(models, "grpo", tmp_path / "d", num_iterations=2, max_steps=-1, num_train_epochs=2,
+                                save_strategy="steps", save_steps=0.25)
+    steps = []
+    in_epochs.training_step = lambda *a, **k: steps.append(1)
+    with pytest.raises(SaveStepsError, match=r"save_steps \(0.25 of max_steps 12 = 3 steps\)"):
+        in_epochs.train()
+    assert not steps
 
 
 def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):

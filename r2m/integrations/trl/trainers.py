@@ -11,9 +11,12 @@ that has to cross TRL's calls is set in one place and taken in one place:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 from trl import GRPOTrainer, RLOOTrainer
 
 from ...capture import HiddenStateCapture, policy_backbone
@@ -25,6 +28,43 @@ from ...reward_model import R2MRewardModel
 from ...schedule import omega as omega_schedule
 from . import trl_internals
 from .checkpoints import SaveR2MState, load_r2m_state
+
+logger = logging.get_logger(__name__)
+
+
+class SaveStepsError(ValueError):
+    """A save_steps that would put a checkpoint inside a generation batch."""
+
+
+def optimizer_steps_per_generation(args) -> int:
+    """The optimizer steps from one end of a generation batch that is also the end of an
+    optimizer step to the next: the steps a checkpoint's save_steps must be a multiple of."""
+    micro_steps, accumulation = trl_internals.micro_steps_per_generation(args), args.gradient_accumulation_steps
+    return math.lcm(micro_steps, accumulation) // accumulation
+
+
+def checked_save_steps(args, max_steps: int, *, given: bool) -> tuple[float, str | None]:
+    """(the save_steps to use, a note when it differs from args.save_steps). A checkpoint must
+    fall between generation batches (the batch in flight, its completions and its pending head
+    update, is not saved), so save_steps must be a multiple of the optimizer steps per
+    generation batch. A value the user gave (`given`) that is not is a SaveStepsError naming the
+    nearest valid ones; TRL's default (500) is aligned to the nearest valid one instead. A ratio
+    (save_steps < 1, of max_steps) is checked once max_steps is known (> 0)."""
+    if args.save_strategy != "steps" or (args.save_steps < 1 and max_steps <= 0):
+        return args.save_steps, None
+    every = optimizer_steps_per_generation(args)
+    steps = math.ceil(max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
+    if steps % every == 0:
+        return args.save_steps, None
+    below, above = steps // every * every, (steps // every + 1) * every
+    why = (f"a multiple of the optimizer steps per generation batch ({every} = steps_per_generation x "
+           f"num_iterations / gradient_accumulation_steps), so that a resumed run continues exactly")
+    if not given:
+        aligned = below if below and steps - below <= above - steps else above
+        return aligned, f"save_steps: TRL's default {steps} is not {why}; checkpoints every {aligned} steps instead"
+    asked = f"{args.save_steps:g}" + (f" of max_steps {max_steps} = {steps} steps" if args.save_steps < 1 else "")
+    nearest = f"{below} or {above}" if below else f"{above}"
+    raise SaveStepsError(f"save_steps ({asked}) must be {why}; the nearest valid: {nearest}")
 
 
 class R2MReward:
@@ -98,7 +138,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if reward_model.head.k_proj.in_features != policy_dim:
             raise ValueError(f"reward_model's head reads hidden states of size {reward_model.head.k_proj.in_features}; "
                              f"the policy's hidden size is {policy_dim}")
-        self._r2m_check_save_steps()
+        self._r2m_check_save_steps(self.args.max_steps)
         self.r2m_config.configure_head(reward_model.head)
         reward_model.to(self.accelerator.device)
         check_head_backend(reward_model.head.backend, self.accelerator.device)  # before training, not at a reward
@@ -113,17 +153,17 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
 
     # schedule ----------------------------------------------------------------------------------
 
-    def _r2m_check_save_steps(self) -> None:
-        """A checkpoint must fall between generation cycles: the batch in flight (its
-        completions and its pending head update) is not saved."""
-        cycle, gas = trl_internals.micro_steps_per_generation(self), self.args.gradient_accumulation_steps
-        if self.args.save_strategy != "steps" or cycle % gas:
-            return
-        cycle_steps = cycle // gas
-        if self.args.save_steps >= 1 and int(self.args.save_steps) % cycle_steps:
-            raise ValueError(f"save_steps ({self.args.save_steps:g}) must be a multiple of the optimizer steps per "
-                             f"generation batch ({cycle_steps} = steps_per_generation x num_iterations / "
-                             "gradient_accumulation_steps), so that a resumed run continues exactly")
+    def _r2m_check_save_steps(self, max_steps: int) -> None:
+        """`checked_save_steps` on this run's settings: in the constructor, and again when training
+        begins (SaveR2MState), where a ratio of a length in epochs is known. A Python caller cannot
+        be told from one that left save_steps at TRL's default, so a value equal to it is taken for
+        it (`r2m train` refuses a save_steps given on its command line or in its file itself)."""
+        default = next(f.default for f in dataclasses.fields(self.args) if f.name == "save_steps")
+        save_steps, note = checked_save_steps(self.args, max_steps, given=self.args.save_steps != default)
+        if note is not None:
+            self.args.save_steps = save_steps
+            if self.accelerator.is_main_process:
+                logger.warning(note)
 
     def _r2m_omega(self) -> float:
         return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.reward_model.head.omega_floor)
@@ -175,7 +215,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if not self.model.training or rows is None or batch is None or batch.hidden is None:
             return None
         steps_per_generation = self.args.steps_per_generation
-        position = trl_internals.micro_step(self) % trl_internals.micro_steps_per_generation(self)
+        position = trl_internals.micro_step(self) % trl_internals.micro_steps_per_generation(self.args)
         last_iteration = position >= steps_per_generation * (self.args.num_iterations - 1)
         return rows if last_iteration else None
 

@@ -77,7 +77,7 @@ class TRLOverrides:
         # trl 1.16.0: counts the micro-step (`_step`) after its forward and backward; the head
         # update follows the last micro-step that uses the generation batch.
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if micro_step(self) % micro_steps_per_generation(self) == 0:
+        if micro_step(self) % micro_steps_per_generation(self.args) == 0:
             self._r2m_generation_batch_done()
         return loss
 
@@ -97,10 +97,11 @@ def micro_step(trainer) -> int:
     return trainer._step
 
 
-def micro_steps_per_generation(trainer) -> int:
+def micro_steps_per_generation(args) -> int:
     """training_step calls one generation batch serves, all iterations over it included (trl
-    1.16.0's `generate_every` in _prepare_inputs: TRL generates when _step reaches a multiple)."""
-    return trainer.args.steps_per_generation * trainer.args.num_iterations
+    1.16.0's `generate_every` in _prepare_inputs: TRL generates when _step reaches a multiple);
+    `args` is the trainer's GRPOConfig or RLOOConfig."""
+    return args.steps_per_generation * args.num_iterations
 
 
 def reference_pass_runs_the_policy(trainer) -> bool:
