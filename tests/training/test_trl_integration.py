@@ -131,6 +131,34 @@ def test_grpo_two_iterations_refreshes_hidden_states(models, tmp_path):
     assert (after_one_step - pi_old).abs().max() > 1e-3  # the check above tells the two apart
 
 
+def test_every_step_row_has_its_batchs_r2m_metrics(models, tmp_path):
+    """num_iterations = 2: each generation batch serves two optimizer steps, and both steps' log
+    rows carry its R2M metrics (TRL logs its own reward metrics on the first only); the head
+    update's, on the row of the step it follows."""
+    trainer, rm, recorder, frozen = run(models, tmp_path, "grpo", num_iterations=2, max_steps=4)
+    logged = metrics(trainer.state.log_history)
+    assert [row["step"] for row in logged] == [1, 2, 3, 4] and len(recorder.scorings) == 2
+    batch_keys = ("r2m/rm_reward", "r2m/omega", "r2m/gold_reward", "r2m/extra_forwards",
+                  "r2m/head_share")
+    for row, scoring in zip(logged, [s for s in recorder.scorings for _ in range(2)]):
+        assert all(key in row for key in batch_keys), row
+        assert row["r2m/omega"] == pytest.approx(scoring["omega"])
+        assert row["r2m/rm_reward"] == pytest.approx(scoring["rm_rewards"].mean().item())
+    assert [("reward" in row, "r2m/grebt_loss" in row) for row in logged] == [(True, False), (False, True)] * 2
+
+
+def test_counts_are_logged_as_counts(models, tmp_path):
+    """With a log row every 2 steps, `r2m/extra_forwards` is the count of extra forwards so far
+    (2, then 4), not the mean of the running count over the window; the batch metrics are the
+    mean over the window's steps."""
+    trainer, rm, recorder, frozen = run(models, tmp_path, "grpo", max_steps=4, logging_steps=2)
+    logged = metrics(trainer.state.log_history)
+    assert [row["step"] for row in logged] == [2, 4]
+    assert [row["r2m/extra_forwards"] for row in logged] == [2.0, 4.0]
+    omegas = [s["omega"] for s in recorder.scorings]
+    assert [row["r2m/omega"] for row in logged] == pytest.approx([sum(omegas[:2]) / 2, sum(omegas[2:]) / 2])
+
+
 def test_rloo_three_steps(models, tmp_path):
     """RLOO (KL in the reward: a reference model loaded from the policy's folder) always makes
     the pi_old pass; the hidden states come from it."""

@@ -31,6 +31,8 @@ from .checkpoints import SaveR2MState, load_r2m_state
 
 logger = logging.get_logger(__name__)
 
+COUNT_METRICS = ("r2m/extra_forwards",)  # running counts: each log entry holds the count, never an average
+
 
 class SaveStepsError(ValueError):
     """A save_steps that would put a checkpoint inside a generation batch."""
@@ -148,6 +150,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self._r2m_batch: _ScoredBatch | None = None
         self._r2m_capture_rows: torch.Tensor | None = None
         self._r2m_extra_forwards = 0
+        self._r2m_batch_metrics: dict[str, float] = {}  # the scored training batch's, logged every optimizer step
+        self._r2m_step_metrics: dict[str, list[float]] = {}  # one value per micro-step of the optimizer step
         # first, so that any other callback's on_save finds the checkpoint complete
         self.callback_handler.callbacks.insert(0, SaveR2MState(self))
 
@@ -219,16 +223,46 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         last_iteration = position >= steps_per_generation * (self.args.num_iterations - 1)
         return rows if last_iteration else None
 
-    # rewards -----------------------------------------------------------------------------------
+    # metrics -----------------------------------------------------------------------------------
 
-    def _r2m_log_mean(self, name: str, values: torch.Tensor) -> None:
-        trl_internals.log_metric(self, name, self.accelerator.gather(values.float().reshape(-1)).mean().item())
+    def _r2m_log_batch(self, name: str, value: float) -> None:
+        """A metric of the batch being scored. In training it goes on the log row of every
+        optimizer step that trains on the batch (TRL logs per optimizer step; one batch serves
+        several with num_iterations > 1); in evaluation, into TRL's eval metrics."""
+        if self.model.training:
+            self._r2m_batch_metrics[name] = value
+        elif name in COUNT_METRICS:
+            trl_internals.log_count(self, name, value)
+        else:
+            trl_internals.log_metric(self, name, value)
+
+    def _r2m_log_batch_mean(self, name: str, values: torch.Tensor) -> None:
+        self._r2m_log_batch(name, self.accelerator.gather(values.float().reshape(-1)).mean().item())
+
+    def _r2m_micro_step_done(self, ends_optimizer_step: bool) -> None:
+        """After each training micro-step: its batch's metrics count once toward the optimizer
+        step's row (the mean over its micro-steps: the batch's value, or the mean over the batches
+        an optimizer step spans), logged when the optimizer step ends."""
+        for name, value in self._r2m_batch_metrics.items():
+            self._r2m_step_metrics.setdefault(name, []).append(value)
+        if not ends_optimizer_step:
+            return
+        for name, values in self._r2m_step_metrics.items():
+            if name in COUNT_METRICS:
+                trl_internals.log_count(self, name, values[-1])
+            else:
+                trl_internals.log_metric(self, name, sum(values) / len(values))
+        self._r2m_step_metrics = {}
+
+    # rewards -----------------------------------------------------------------------------------
 
     def _r2m_score(self, inputs, prompts, completions, completion_ids_list) -> None:
         """Compute the R2M rewards of the generated batch for the R2M reward function, log
         R2M's metrics, and keep a training batch for its head update."""
         generation, self._r2m_generation = self._r2m_generation, None
         device = self.accelerator.device
+        if self.model.training:
+            self._r2m_batch_metrics = {}
         if self.r2m_config.reads_hidden_states:
             forward = self._r2m_policy_states(generation)
             input_ids, attention_mask, hidden = forward.input_ids, forward.attention_mask, forward.hidden
@@ -251,15 +285,15 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self._r2m_reward.values = rewards.tolist()
 
         rm_rewards = self.reward_model.static_reward(rte)
-        self._r2m_log_mean("r2m/rm_reward", rm_rewards)
-        self._r2m_log_mean("r2m/omega", torch.tensor([batch.omega], device=device))
-        self._r2m_log_mean("r2m/extra_forwards", torch.tensor([float(self._r2m_extra_forwards)], device=device))
+        self._r2m_log_batch_mean("r2m/rm_reward", rm_rewards)
+        self._r2m_log_batch("r2m/omega", batch.omega)
+        self._r2m_log_batch("r2m/extra_forwards", self._r2m_extra_forwards)  # the same on every process
         gold = None
         if self.judge is not None:
             columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
             gold = self.judge(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
             gold = torch.tensor([float(g) for g in gold], device=device)
-            self._r2m_log_mean("r2m/gold_reward", gold)
+            self._r2m_log_batch_mean("r2m/gold_reward", gold)
         if self.model.training:
             lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=device)
             self._r2m_log_agreement(batch, rewards, rm_rewards, gold, lengths)
@@ -278,14 +312,14 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         for name, (scores, truth) in columns.items():
             fraction, pairs = pairwise_agreement(gather(scores.float()), gather(truth.float()), k)
             if pairs:
-                trl_internals.log_metric(self, name, fraction)
+                self._r2m_log_batch(name, fraction)
         if self.r2m_config.reads_hidden_states:
             head, rm = (gather(t) for t in self.head_update.reward_terms(batch.rte, batch.hidden,
                                                                          batch.attention_mask, batch.omega))
             spread_head, spread_rm = head.view(-1, k).std(-1), rm.view(-1, k).std(-1)
             total = spread_head + spread_rm
             if bool((total > 0).any()):
-                trl_internals.log_metric(self, "r2m/head_share", (spread_head / total)[total > 0].mean().item())
+                self._r2m_log_batch("r2m/head_share", (spread_head / total)[total > 0].mean().item())
 
     # head update -------------------------------------------------------------------------------
 
@@ -293,6 +327,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         """The last micro-step over the batch has run: one GREBT step on the head with its
         groups of K completions."""
         batch, self._r2m_batch = self._r2m_batch, None
+        self._r2m_batch_metrics = {}
         if batch is None or not self.r2m_config.uses_head:
             return
         try:
