@@ -118,10 +118,10 @@ def test_save_steps_trls_default_is_aligned_and_a_given_one_checked(models, tmp_
     with caplog.at_level("WARNING", logger="r2m"):
         assert main(command(models, out, "--trainer", "grpo", "--num_iterations", "3", "--max_steps", "3")) == 0
     notes = [r.getMessage() for r in caplog.records if "save_steps" in r.getMessage()]
-    assert len(notes) == 1 and notes[0].endswith("TRL's default 500 is not a multiple of the optimizer steps per "
-                                                 "generation batch (3 = steps_per_generation x num_iterations / "
-                                                 "gradient_accumulation_steps), so that a resumed run continues "
-                                                 "exactly; checkpoints every 501 steps instead"), notes
+    assert len(notes) == 1 and notes[0] == ("save_steps: TRL's default 500 is not a multiple of the optimizer steps "
+                                            "per generation batch (3 = steps_per_generation x num_iterations / "
+                                            "gradient_accumulation_steps), as a checkpoint must be for a resumed run "
+                                            "to continue exactly; checkpoints every 501 steps instead"), notes
     assert json.loads((out / "trainer_state.json").read_text())["save_steps"] == 501
     capsys.readouterr()
     given = command(models, tmp_path / "given", "--trainer", "grpo", "--num_iterations", "3")

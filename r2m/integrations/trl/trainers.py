@@ -6,7 +6,9 @@ that has to cross TRL's calls is set in one place and taken in one place:
   meanwhile it records the policy forwards TRL makes, the first with its hidden states;
 - `_r2m_batch` (`_ScoredBatch`): set by the scoring of a training batch, taken by its head
   update at the end of the generation cycle; the last iteration's training forwards refresh its
-  hidden states row by row (`_r2m_capture_rows`, set around each training forward).
+  hidden states row by row (`_r2m_capture_rows`, set around each training forward);
+- `_r2m_batch_metrics`: set by the scoring of a training batch, logged on the row of each
+  optimizer step over it (`_r2m_micro_step_done`), cleared at the end of its generation cycle.
 """
 
 from __future__ import annotations
@@ -59,14 +61,16 @@ def checked_save_steps(args, max_steps: int, *, given: bool) -> tuple[float, str
     if steps % every == 0:
         return args.save_steps, None
     below, above = steps // every * every, (steps // every + 1) * every
-    why = (f"a multiple of the optimizer steps per generation batch ({every} = steps_per_generation x "
-           f"num_iterations / gradient_accumulation_steps), so that a resumed run continues exactly")
+    multiple = (f"a multiple of the optimizer steps per generation batch ({every} = steps_per_generation x "
+                "num_iterations / gradient_accumulation_steps)")
     if not given:
         aligned = below if below and steps - below <= above - steps else above
-        return aligned, f"save_steps: TRL's default {steps} is not {why}; checkpoints every {aligned} steps instead"
+        return aligned, (f"save_steps: TRL's default {steps} is not {multiple}, as a checkpoint must be for a resumed "
+                         f"run to continue exactly; checkpoints every {aligned} steps instead")
     asked = f"{args.save_steps:g}" + (f" of max_steps {max_steps} = {steps} steps" if args.save_steps < 1 else "")
     nearest = f"{below} or {above}" if below else f"{above}"
-    raise SaveStepsError(f"save_steps ({asked}) must be {why}; the nearest valid: {nearest}")
+    raise SaveStepsError(f"save_steps ({asked}) must be {multiple}, so that a resumed run continues exactly; "
+                         f"the nearest valid: {nearest}")
 
 
 class R2MReward:
@@ -261,8 +265,6 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         R2M's metrics, and keep a training batch for its head update."""
         generation, self._r2m_generation = self._r2m_generation, None
         device = self.accelerator.device
-        if self.model.training:
-            self._r2m_batch_metrics = {}
         if self.r2m_config.reads_hidden_states:
             forward = self._r2m_policy_states(generation)
             input_ids, attention_mask, hidden = forward.input_ids, forward.attention_mask, forward.hidden
