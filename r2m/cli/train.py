@@ -234,6 +234,10 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     trainer.save_state()
     if trainer.accelerator.is_main_process:
         print(f"metrics: {Path(args.output_dir) / 'trainer_state.json'} (log_history)")
+    # Several processes: destroy the process group while the interpreter is whole (accelerate's
+    # end_training). Left to the interpreter's exit, gloo's threads abort a rank now and then
+    # ("terminate called without an active exception", exit status 1 after a finished run).
+    trainer.accelerator.end_training()
     return 0
 
 
