@@ -1,6 +1,8 @@
 """The settings layer every `r2m` command shares: TRL's parser (TrlParser) over the command's
 dataclasses, with defaults under a YAML file (--config) and the flags, flags last, and every bad
-value reported as one UsageError line naming the field (exit status 2)."""
+value reported as one UsageError line naming the field (exit status 2). `--help` is short (the
+command's own options and the TRL ones set most, without importing TRL); `--help-all` is
+TrlParser's list of every option, the command's own first."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import warnings
 
 from ..config import DEVICES, UsageError
 
-__all__ = ["DEVICES", "UsageError", "check_backend_runs", "check_finite", "check_yaml", "choice", "make_parser", "prescan", "runs_on_cpu"]
+__all__ = ["DEVICES", "HELP_ALL", "UsageError", "check_backend_runs", "check_finite", "check_yaml", "choice",
+           "help_requested", "make_parser", "prescan", "runs_on_cpu", "short_help"]
+
+HELP_ALL = "--help-all"  # every option; -h/--help is the short help (GLib's convention)
 
 
 def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
@@ -40,9 +45,53 @@ def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
                 check_finite(section)
             return parsed
 
-    parser = OneLineErrors(dataclass_types, prog=prog, description=description)
+    parser = OneLineErrors(dataclass_types, prog=prog, description=description,
+                           usage=f"{prog} [--config FILE] [OPTIONS]")  # argparse's own: 165 lines of flags
     parser.set_defaults(**defaults)
+    # The full help (--help-all) lists the command's own groups first: TRL's config has no group
+    # name, so its ~300 options are argparse's untitled "options" group, printed first otherwise.
+    trl_options = parser._optionals
+    trl_options.title = f"TRL's settings ({dataclass_types[-1].__name__}, transformers' TrainingArguments included)"
+    parser._action_groups.remove(trl_options)
+    parser._action_groups.append(trl_options)
     return parser
+
+
+def help_requested(argv: list[str]) -> str | None:
+    """"all" for --help-all, "short" for -h or --help, None otherwise."""
+    if HELP_ALL in argv:
+        return "all"
+    return "short" if "-h" in argv or "--help" in argv else None
+
+
+def short_help(prog: str, description: str, sections, defaults: dict, trl_options: dict[str, str]) -> str:
+    """The short help: every option of the command's own `sections` (dataclasses with an
+    `_argument_group_name`: each field's help, choices and default, `defaults` overriding it),
+    then the TRL options set most, `trl_options` (name: what it is), with the command's default
+    where it sets one; and where the full list is. Built from the dataclasses alone, so that
+    `--help` does not import TRL (seconds: it imports transformers)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
+                                     usage=f"{prog} [--config FILE] [OPTIONS]   (every option: {prog} {HELP_ALL})")
+    parser.add_argument("-h", "--help", action="store_true", help="this help")
+    parser.add_argument(HELP_ALL, action="store_true", help="every option, TRL's included")
+    parser.add_argument("--config", metavar="FILE", help="a YAML file of settings (flags override it)")
+    for section in sections:
+        group = parser.add_argument_group(section._argument_group_name)
+        for f in dataclasses.fields(section):
+            if not f.init:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = defaults.get(f.name, default)
+            text = f.metadata.get("help", "").replace("%", "%%")
+            choices = f.metadata.get("choices")
+            group.add_argument(f"--{f.name}", metavar=None if choices else f.name.upper(), choices=choices,
+                               help=f"{text} (default: {default})" if default is not None else text)
+    group = parser.add_argument_group(
+        "TRL's settings set most", f"{prog} {HELP_ALL} lists every one, with TRL's defaults")
+    for name, text in trl_options.items():
+        shown = f"{text} (default: {defaults[name]})" if name in defaults else text
+        group.add_argument(f"--{name}", metavar=name.upper(), help=shown.replace("%", "%%"))
+    return parser.format_help()
 
 
 def check_finite(section) -> None:

@@ -8,6 +8,7 @@ the field, exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,12 +16,35 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import DEVICES, UsageError, check_backend_runs, check_yaml, choice, make_parser, prescan, runs_on_cpu
+from .settings import (DEVICES, HELP_ALL, UsageError, check_backend_runs, check_yaml, choice, help_requested,
+                       make_parser, prescan, runs_on_cpu, short_help)
 
 HELP = ("Train a policy with TRL against a real-time aligned reward model (the demo and the paired "
         "experiment are `r2m experiment`).")
 
 TRAINERS = ("rloo", "grpo")
+
+# The TRL settings the short help lists (a test checks each is a field of both TRL configs)
+TRL_OPTIONS = {
+    "output_dir": "where checkpoints and trainer_state.json (the log history) are written",
+    "max_steps": "optimizer steps to train, also omega's schedule length (-1: num_train_epochs instead)",
+    "num_train_epochs": "passes over the prompts, when max_steps is -1",
+    "learning_rate": "the policy's learning rate (the head's: --head_learning_rate)",
+    "per_device_train_batch_size": "completions per process and micro-step",
+    "gradient_accumulation_steps": "micro-steps per optimizer step",
+    "num_generations": "completions per prompt: the group R2M compares (at least 2)",
+    "max_completion_length": "the longest completion, in tokens",
+    "temperature": "the sampling temperature",
+    "num_iterations": "optimizer steps over each generation batch (2: the head update reads the updated policy)",
+    "beta": "the KL coefficient against the reference policy",
+    "logging_steps": "a log row every N optimizer steps",
+    "report_to": "where the log also goes: none, tensorboard, wandb, ...",
+    "save_strategy": "when to write a checkpoint: no, steps, epoch",
+    "save_steps": "a checkpoint every N optimizer steps: a multiple of the steps per generation batch",
+    "seed": "the seed of the run, the head's initialisation included",
+    "bf16": "train in bfloat16 (TRL's default; needs a GPU)",
+    "use_vllm": "generate with vLLM (with --vllm_mode colocate or server)",
+}
 
 
 @dataclass
@@ -45,12 +69,15 @@ class TrainArguments:
 
 def parse(argv: list[str]):
     """(TrainArguments, R2MConfig, RLOOConfig or GRPOConfig) from the YAML file and the flags."""
-    from trl import GRPOConfig, RLOOConfig
-
     from ..config import R2MConfig
 
-    from_yaml, picked = prescan(argv, ("trainer", "device", "policy", "num_generations"))
+    from_yaml, picked = prescan(argv, ("trainer", "device", "policy", "num_generations", "save_steps"))
     trainer = choice("trainer", picked["trainer"], TRAINERS)
+    defaults = {"report_to": "none", "logging_steps": 1}
+    if help_requested(argv) == "short":
+        print(short_help("r2m train", HELP, (TrainArguments, R2MConfig), defaults, TRL_OPTIONS))
+        sys.exit(0)
+    from trl import GRPOConfig, RLOOConfig
     try:
         num_generations = int(picked["num_generations"])
     except (TypeError, ValueError):  # not given, or not an integer: argparse reports the latter
@@ -61,11 +88,18 @@ def parse(argv: list[str]):
     on_cpu = runs_on_cpu(picked["device"])
     sections = (TrainArguments, R2MConfig, RLOOConfig if trainer == "rloo" else GRPOConfig)
     check_yaml(from_yaml, sections)
-    defaults = {"report_to": "none", "logging_steps": 1}
     if on_cpu:  # TRL turns bf16 on by default, which needs a GPU
         defaults.update(use_cpu=True, bf16=False)
+    argv = ["--help" if arg == HELP_ALL else arg for arg in argv]  # TrlParser's help is every option
     script, r2m_config, args = make_parser(sections, defaults, "r2m train", HELP).parse_args_and_config(argv)
     check_backend_runs(r2m_config, on_cpu)
+    if picked["save_steps"] is not None:  # the trainer aligns only TRL's default; this one the user chose
+        from ..integrations.trl.trainers import SaveStepsError, checked_save_steps
+
+        try:
+            checked_save_steps(args, args.max_steps, given=True)
+        except SaveStepsError as e:
+            raise UsageError(str(e)) from None
     return script, r2m_config, args
 
 
@@ -169,7 +203,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     from r2m_kernels import BackendUnavailableError
 
     from ..integrations.trl import R2MGRPOTrainer, R2MRLOOTrainer
-    from ..integrations.trl.trainers import REWARD_MODEL_FOLDER
+    from ..integrations.trl.trainers import REWARD_MODEL_FOLDER, SaveStepsError
     from ..reward_model import R2MRewardModel
 
     if not (script.policy and script.reward_model and script.prompts):
@@ -192,14 +226,36 @@ def train(script: TrainArguments, r2m_config, args) -> int:
                               train_dataset=Dataset.from_dict({"prompt": prompts}))
     except (ValueError, BackendUnavailableError) as e:  # TRL's and R2M's checks of the settings together
         raise UsageError(str(e).strip().splitlines()[0]) from None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except SaveStepsError as e:  # a save_steps ratio of a length in epochs, checked once that length is known
+        raise UsageError(str(e)) from None
     trainer.save_state()
     trainer.save_model()  # the policy in output_dir, the R2M reward model in output_dir/r2m_reward_model
     if trainer.accelerator.is_main_process:
         out = Path(args.output_dir)
         print(f"policy: {out}; reward model: {out / REWARD_MODEL_FOLDER} (R2MRewardModel.from_pretrained)")
         print(f"metrics: {out / 'trainer_state.json'} (log_history)")
+    # Several processes: destroy the process group while the interpreter is whole (accelerate's
+    # end_training). Left to the interpreter's exit, gloo's threads abort a rank now and then
+    # ("terminate called without an active exception", exit status 1 after a finished run).
+    trainer.accelerator.end_training()
     return 0
+
+
+@contextlib.contextmanager
+def _no_empty_output_dir(output_dir: str):
+    """On an error, remove output_dir if this run created it and wrote nothing in it (the
+    Trainer creates it in its constructor, before R2M's checks and TRL's run)."""
+    existed = os.path.exists(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(output_dir):
+            for folder, _, _ in sorted(os.walk(output_dir), reverse=True):  # deepest first; rmdir keeps any file
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
 
 
 def main(argv: list[str]) -> int:
@@ -207,7 +263,8 @@ def main(argv: list[str]) -> int:
 
     try:
         script, r2m_config, args = parse(argv)
-        return train(script, r2m_config, args)
+        with _no_empty_output_dir(args.output_dir):
+            return train(script, r2m_config, args)
     except UsageError as e:
         print(f"r2m train: error: {e}", file=sys.stderr)
         return 2

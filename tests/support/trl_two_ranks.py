@@ -1,11 +1,18 @@
-"""One rank of the two-process test (tests/training/test_trl_two_processes.py), launched by torchrun on
-the CPU (gloo): 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
+"""One rank of the two-process tests (tests/training/test_trl_two_processes.py), launched by torchrun
+on the CPU (gloo).
+
+`trainer`: 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
 second group straddles the ranks. Each rank saves, per head update, its inputs, the head before
 the step and the all-reduced gradients, and its final head, to OUT/rank{r}.pt.
+`cli`: `r2m train` with ARGS; each rank writes its exit status and whether a process group is
+still initialised when the command has returned to OUT/cli_rank{r}.json.
 
-usage: torchrun --nproc_per_node 2 tests/support/trl_two_ranks.py MODELS OUT
+usage: torchrun --nproc_per_node 2 tests/support/trl_two_ranks.py trainer MODELS OUT
+       torchrun --nproc_per_node 2 tests/support/trl_two_ranks.py cli OUT ARGS...
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +50,19 @@ def main(models: Path, out: Path) -> None:
     trainer.train()
     torch.save({"world_size": trainer.accelerator.num_processes, "updates": updates, "prompts": prompts,
                 "head": snapshot(rm.head)}, out / f"rank{rank}.pt")
+    trainer.accelerator.end_training()  # as `r2m train` does: no process group left to the interpreter's exit
+
+
+def cli(out: Path, argv: list[str]) -> None:
+    from r2m.cli import main as r2m_main
+
+    status = r2m_main(["train", *argv])
+    record = {"status": status, "process_group_left": torch.distributed.is_initialized()}
+    (out / f"cli_rank{os.environ['RANK']}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "trainer":
+        main(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        cli(Path(sys.argv[2]), sys.argv[3:])

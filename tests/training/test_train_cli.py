@@ -128,6 +128,32 @@ def test_the_policy_and_the_reward_model_are_saved_at_the_end(models, tmp_path, 
     assert rm.config.head_learning_rate == 1e-2 and rm.name_or_path == str(models / "rm")
     trained = load_file(out / "checkpoint-2" / "r2m_head.safetensors")
     assert all(torch.equal(rm.head.state_dict()[name], value) for name, value in trained.items())
+def test_save_steps_trls_default_is_aligned_and_a_given_one_checked(models, tmp_path, capsys, caplog):
+    """With 3 optimizer steps per generation batch, TRL's default save_steps (500) is aligned to
+    501 with one line saying so; 500 given as a flag or in the YAML file is refused naming 498
+    and 501, before any model is loaded; a ratio of a length in epochs is refused when training
+    begins, leaving no output folder. (The line is a logger warning: on stderr, by Python's
+    last-resort handler, where pytest does not capture logging.)"""
+    out = tmp_path / "default"
+    with caplog.at_level("WARNING", logger="r2m"):
+        assert main(command(models, out, "--trainer", "grpo", "--num_iterations", "3", "--max_steps", "3")) == 0
+    notes = [r.getMessage() for r in caplog.records if "save_steps" in r.getMessage()]
+    assert len(notes) == 1 and notes[0] == ("save_steps: TRL's default 500 is not a multiple of the optimizer steps "
+                                            "per generation batch (3 = steps_per_generation x num_iterations / "
+                                            "gradient_accumulation_steps), as a checkpoint must be for a resumed run "
+                                            "to continue exactly; checkpoints every 501 steps instead"), notes
+    assert json.loads((out / "trainer_state.json").read_text())["save_steps"] == 501
+    capsys.readouterr()
+    given = command(models, tmp_path / "given", "--trainer", "grpo", "--num_iterations", "3")
+    err = fails_with(given + ["--save_steps", "500"], capsys, "save_steps (500) must be a multiple", "(3 = ",
+                     "the nearest valid: 498 or 501")
+    config = tmp_path / "run.yaml"
+    config.write_text("save_steps: 500\n")
+    assert fails_with(given + ["--config", str(config)], capsys) == err
+    in_epochs = command(models, tmp_path / "epochs", "--trainer", "grpo", "--num_iterations", "2", "--max_steps", "-1",
+                        "--num_train_epochs", "2", "--save_steps", "0.25")
+    fails_with(in_epochs, capsys, "save_steps (0.25 of max_steps 12 = 3 steps)", "the nearest valid: 2 or 4")
+    assert not (tmp_path / "epochs").exists() and not (tmp_path / "given").exists()
 
 
 def test_rloo_from_a_yaml_file(models, tmp_path):

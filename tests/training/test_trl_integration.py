@@ -131,6 +131,34 @@ def test_grpo_two_iterations_refreshes_hidden_states(models, tmp_path):
     assert (after_one_step - pi_old).abs().max() > 1e-3  # the check above tells the two apart
 
 
+def test_every_step_row_has_its_batchs_r2m_metrics(models, tmp_path):
+    """num_iterations = 2: each generation batch serves two optimizer steps, and both steps' log
+    rows carry its R2M metrics (TRL logs its own reward metrics on the first only); the head
+    update's, on the row of the step it follows."""
+    trainer, rm, recorder, frozen = run(models, tmp_path, "grpo", num_iterations=2, max_steps=4)
+    logged = metrics(trainer.state.log_history)
+    assert [row["step"] for row in logged] == [1, 2, 3, 4] and len(recorder.scorings) == 2
+    batch_keys = ("r2m/rm_reward", "r2m/omega", "r2m/gold_reward", "r2m/extra_forwards",
+                  "r2m/head_share")
+    for row, scoring in zip(logged, [s for s in recorder.scorings for _ in range(2)]):
+        assert all(key in row for key in batch_keys), row
+        assert row["r2m/omega"] == pytest.approx(scoring["omega"])
+        assert row["r2m/rm_reward"] == pytest.approx(scoring["rm_rewards"].mean().item())
+    assert [("reward" in row, "r2m/grebt_loss" in row) for row in logged] == [(True, False), (False, True)] * 2
+
+
+def test_counts_are_logged_as_counts(models, tmp_path):
+    """With a log row every 2 steps, `r2m/extra_forwards` is the count of extra forwards so far
+    (2, then 4), not the mean of the running count over the window; the batch metrics are the
+    mean over the window's steps."""
+    trainer, rm, recorder, frozen = run(models, tmp_path, "grpo", max_steps=4, logging_steps=2)
+    logged = metrics(trainer.state.log_history)
+    assert [row["step"] for row in logged] == [2, 4]
+    assert [row["r2m/extra_forwards"] for row in logged] == [2.0, 4.0]
+    omegas = [s["omega"] for s in recorder.scorings]
+    assert [row["r2m/omega"] for row in logged] == pytest.approx([sum(omegas[:2]) / 2, sum(omegas[2:]) / 2])
+
+
 def test_rloo_three_steps(models, tmp_path):
     """RLOO (KL in the reward: a reference model loaded from the policy's folder) always makes
     the pi_old pass; the hidden states come from it."""
@@ -268,9 +296,39 @@ def test_the_pi_old_pass_is_the_first_policy_forward_after_generation(models, tm
     assert trainer._r2m_policy_states(generation) is seen
 
 
-def test_checkpoints_must_fall_between_generation_batches(models, tmp_path):
-    with pytest.raises(ValueError, match="save_steps \\(3\\) must be a multiple of .* \\(2 = "):
-        make_trainer(models, "grpo", tmp_path, num_iterations=2, save_strategy="steps", save_steps=3)
+def test_checkpoints_must_fall_between_generation_batches(models, tmp_path, caplog):
+    """With 3 optimizer steps per generation batch (num_iterations 3): TRL's default save_steps
+    (500) is aligned to the nearest multiple, 501, said once; a save_steps given that is not a
+    multiple is refused naming the nearest valid ones, a ratio of max_steps as well, and a ratio
+    of a length in epochs when training begins, before any step."""
+    from r2m.integrations.trl.trainers import SaveStepsError
+
+    with caplog.at_level("WARNING", logger="r2m"):
+        trainer, _ = make_trainer(models, "grpo", tmp_path / "a", num_iterations=3, save_strategy="steps")
+    notes = [r.getMessage() for r in caplog.records if "save_steps" in r.getMessage()]
+    assert trainer.args.save_steps == 501 and len(notes) == 1, notes
+    assert "TRL's default 500 is not a multiple of the optimizer steps per generation batch (3 = " in notes[0]
+    assert notes[0].endswith("checkpoints every 501 steps instead")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r2m"):
+        trainer, _ = make_trainer(models, "grpo", tmp_path / "b", num_iterations=2, save_strategy="steps")
+    assert trainer.args.save_steps == 500 and not caplog.records  # already a multiple of 2
+    with pytest.raises(SaveStepsError, match=r"^save_steps \(7\) must be a multiple of .* \(3 = .*valid: 6 or 9$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=3, save_strategy="steps", save_steps=7)
+    with pytest.raises(SaveStepsError, match=r"^save_steps \(2\) must be .*valid: 3$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=3, save_strategy="steps", save_steps=2)
+    with pytest.raises(SaveStepsError, match=r"save_steps \(0.25 of max_steps 10 = 3 steps\) .* \(2 = .*: 2 or 4$"):
+        make_trainer(models, "grpo", tmp_path, num_iterations=2, max_steps=10, save_strategy="steps", save_steps=0.25)
+    ratio, _ = make_trainer(models, "grpo", tmp_path / "c", num_iterations=2, max_steps=10, save_strategy="steps",
+                            save_steps=0.2)
+    assert ratio.args.save_steps == 0.2
+    in_epochs, _ = make_trainer(models, "grpo", tmp_path / "d", num_iterations=2, max_steps=-1, num_train_epochs=2,
+                                save_strategy="steps", save_steps=0.25)
+    steps = []
+    in_epochs.training_step = lambda *a, **k: steps.append(1)
+    with pytest.raises(SaveStepsError, match=r"save_steps \(0.25 of max_steps 12 = 3 steps\)"):
+        in_epochs.train()
+    assert not steps
 
 
 def test_reward_model_must_read_the_policys_hidden_size(models, tmp_path):

@@ -53,10 +53,15 @@ def check_resumable(state: dict, folder, mode: str, max_steps: int, config=None)
 
 class SaveR2MState(TrainerCallback):
     """Writes the R2M state into each checkpoint-N the trainer has just saved (on_save follows
-    the trainer's save, before the next step, so the head and its optimizer are as of step N)."""
+    the trainer's save, before the next step, so the head and its optimizer are as of step N);
+    checks, as training begins, that the checkpoints fall between generation batches."""
 
     def __init__(self, trainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # again: a save_steps ratio of a length in epochs is resolved from here on
+        self.trainer._r2m_check_save_steps(state.max_steps)
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:

@@ -6,15 +6,20 @@ that has to cross TRL's calls is set in one place and taken in one place:
   meanwhile it records the policy forwards TRL makes, the first with its hidden states;
 - `_r2m_batch` (`_ScoredBatch`): set by the scoring of a training batch, taken by its head
   update at the end of the generation cycle; the last iteration's training forwards refresh its
-  hidden states row by row (`_r2m_capture_rows`, set around each training forward).
+  hidden states row by row (`_r2m_capture_rows`, set around each training forward);
+- `_r2m_batch_metrics`: set by the scoring of a training batch, logged on the row of each
+  optimizer step over it (`_r2m_micro_step_done`), cleared at the end of its generation cycle.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 from trl import GRPOTrainer, RLOOTrainer
 
 from ...capture import HiddenStateCapture, policy_backbone
@@ -28,6 +33,47 @@ from . import trl_internals
 from .checkpoints import SaveR2MState, load_r2m_state
 
 REWARD_MODEL_FOLDER = "r2m_reward_model"  # save_model's folder for the reward model, inside the policy's
+
+logger = logging.get_logger(__name__)
+
+COUNT_METRICS = ("r2m/extra_forwards",)  # running counts: each log entry holds the count, never an average
+
+
+class SaveStepsError(ValueError):
+    """A save_steps that would put a checkpoint inside a generation batch."""
+
+
+def optimizer_steps_per_generation(args) -> int:
+    """The optimizer steps from one end of a generation batch that is also the end of an
+    optimizer step to the next: the steps a checkpoint's save_steps must be a multiple of."""
+    micro_steps, accumulation = trl_internals.micro_steps_per_generation(args), args.gradient_accumulation_steps
+    return math.lcm(micro_steps, accumulation) // accumulation
+
+
+def checked_save_steps(args, max_steps: int, *, given: bool) -> tuple[float, str | None]:
+    """(the save_steps to use, a note when it differs from args.save_steps). A checkpoint must
+    fall between generation batches (the batch in flight, its completions and its pending head
+    update, is not saved), so save_steps must be a multiple of the optimizer steps per
+    generation batch. A value the user gave (`given`) that is not is a SaveStepsError naming the
+    nearest valid ones; TRL's default (500) is aligned to the nearest valid one instead. A ratio
+    (save_steps < 1, of max_steps) is checked once max_steps is known (> 0)."""
+    if args.save_strategy != "steps" or (args.save_steps < 1 and max_steps <= 0):
+        return args.save_steps, None
+    every = optimizer_steps_per_generation(args)
+    steps = math.ceil(max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
+    if steps % every == 0:
+        return args.save_steps, None
+    below, above = steps // every * every, (steps // every + 1) * every
+    multiple = (f"a multiple of the optimizer steps per generation batch ({every} = steps_per_generation x "
+                "num_iterations / gradient_accumulation_steps)")
+    if not given:
+        aligned = below if below and steps - below <= above - steps else above
+        return aligned, (f"save_steps: TRL's default {steps} is not {multiple}, as a checkpoint must be for a resumed "
+                         f"run to continue exactly; checkpoints every {aligned} steps instead")
+    asked = f"{args.save_steps:g}" + (f" of max_steps {max_steps} = {steps} steps" if args.save_steps < 1 else "")
+    nearest = f"{below} or {above}" if below else f"{above}"
+    raise SaveStepsError(f"save_steps ({asked}) must be {multiple}, so that a resumed run continues exactly; "
+                         f"the nearest valid: {nearest}")
 
 
 class R2MReward:
@@ -104,7 +150,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if reward_model.head.k_proj.in_features != policy_dim:
             raise ValueError(f"reward_model's head reads hidden states of size {reward_model.head.k_proj.in_features}; "
                              f"the policy's hidden size is {policy_dim}")
-        self._r2m_check_save_steps()
+        self._r2m_check_save_steps(self.args.max_steps)
         reward_model.to(self.accelerator.device)
         check_head_backend(reward_model.head.backend, self.accelerator.device)  # before training, not at a reward
         broadcast_parameters(reward_model.head)
@@ -113,22 +159,24 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self._r2m_batch: _ScoredBatch | None = None
         self._r2m_capture_rows: torch.Tensor | None = None
         self._r2m_extra_forwards = 0
+        self._r2m_batch_metrics: dict[str, float] = {}  # the scored training batch's, logged every optimizer step
+        self._r2m_step_metrics: dict[str, list[float]] = {}  # one value per micro-step of the optimizer step
         # first, so that any other callback's on_save finds the checkpoint complete
         self.callback_handler.callbacks.insert(0, SaveR2MState(self))
 
     # schedule ----------------------------------------------------------------------------------
 
-    def _r2m_check_save_steps(self) -> None:
-        """A checkpoint must fall between generation cycles: the batch in flight (its
-        completions and its pending head update) is not saved."""
-        cycle, gas = trl_internals.micro_steps_per_generation(self), self.args.gradient_accumulation_steps
-        if self.args.save_strategy != "steps" or cycle % gas:
-            return
-        cycle_steps = cycle // gas
-        if self.args.save_steps >= 1 and int(self.args.save_steps) % cycle_steps:
-            raise ValueError(f"save_steps ({self.args.save_steps:g}) must be a multiple of the optimizer steps per "
-                             f"generation batch ({cycle_steps} = steps_per_generation x num_iterations / "
-                             "gradient_accumulation_steps), so that a resumed run continues exactly")
+    def _r2m_check_save_steps(self, max_steps: int) -> None:
+        """`checked_save_steps` on this run's settings: in the constructor, and again when training
+        begins (SaveR2MState), where a ratio of a length in epochs is known. A Python caller cannot
+        be told from one that left save_steps at TRL's default, so a value equal to it is taken for
+        it (`r2m train` refuses a save_steps given on its command line or in its file itself)."""
+        default = next(f.default for f in dataclasses.fields(self.args) if f.name == "save_steps")
+        save_steps, note = checked_save_steps(self.args, max_steps, given=self.args.save_steps != default)
+        if note is not None:
+            self.args.save_steps = save_steps
+            if self.accelerator.is_main_process:
+                logger.warning(note)
 
     def _r2m_omega(self) -> float:
         return omega_schedule(self.state.global_step, max(1, self.state.max_steps), self.reward_model.head.omega_floor)
@@ -180,14 +228,42 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if not self.model.training or rows is None or batch is None or batch.hidden is None:
             return None
         steps_per_generation = self.args.steps_per_generation
-        position = trl_internals.micro_step(self) % trl_internals.micro_steps_per_generation(self)
+        position = trl_internals.micro_step(self) % trl_internals.micro_steps_per_generation(self.args)
         last_iteration = position >= steps_per_generation * (self.args.num_iterations - 1)
         return rows if last_iteration else None
 
-    # rewards -----------------------------------------------------------------------------------
+    # metrics -----------------------------------------------------------------------------------
 
-    def _r2m_log_mean(self, name: str, values: torch.Tensor) -> None:
-        trl_internals.log_metric(self, name, self.accelerator.gather(values.float().reshape(-1)).mean().item())
+    def _r2m_log_batch(self, name: str, value: float) -> None:
+        """A metric of the batch being scored. In training it goes on the log row of every
+        optimizer step that trains on the batch (TRL logs per optimizer step; one batch serves
+        several with num_iterations > 1); in evaluation, into TRL's eval metrics."""
+        if self.model.training:
+            self._r2m_batch_metrics[name] = value
+        elif name in COUNT_METRICS:
+            trl_internals.log_count(self, name, value)
+        else:
+            trl_internals.log_metric(self, name, value)
+
+    def _r2m_log_batch_mean(self, name: str, values: torch.Tensor) -> None:
+        self._r2m_log_batch(name, self.accelerator.gather(values.float().reshape(-1)).mean().item())
+
+    def _r2m_micro_step_done(self, ends_optimizer_step: bool) -> None:
+        """After each training micro-step: its batch's metrics count once toward the optimizer
+        step's row (the mean over its micro-steps: the batch's value, or the mean over the batches
+        an optimizer step spans), logged when the optimizer step ends."""
+        for name, value in self._r2m_batch_metrics.items():
+            self._r2m_step_metrics.setdefault(name, []).append(value)
+        if not ends_optimizer_step:
+            return
+        for name, values in self._r2m_step_metrics.items():
+            if name in COUNT_METRICS:
+                trl_internals.log_count(self, name, values[-1])
+            else:
+                trl_internals.log_metric(self, name, sum(values) / len(values))
+        self._r2m_step_metrics = {}
+
+    # rewards -----------------------------------------------------------------------------------
 
     def _r2m_score(self, inputs, prompts, completions, completion_ids_list) -> None:
         """Compute the R2M rewards of the generated batch for the R2M reward function, log
@@ -216,15 +292,15 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         self._r2m_reward.values = rewards.tolist()
 
         rm_rewards = self.reward_model.static_reward(rte)
-        self._r2m_log_mean("r2m/rm_reward", rm_rewards)
-        self._r2m_log_mean("r2m/omega", torch.tensor([batch.omega], device=device))
-        self._r2m_log_mean("r2m/extra_forwards", torch.tensor([float(self._r2m_extra_forwards)], device=device))
+        self._r2m_log_batch_mean("r2m/rm_reward", rm_rewards)
+        self._r2m_log_batch("r2m/omega", batch.omega)
+        self._r2m_log_batch("r2m/extra_forwards", self._r2m_extra_forwards)  # the same on every process
         gold = None
         if self.judge is not None:
             columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
             gold = self.judge(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
             gold = torch.tensor([float(g) for g in gold], device=device)
-            self._r2m_log_mean("r2m/gold_reward", gold)
+            self._r2m_log_batch_mean("r2m/gold_reward", gold)
         if self.model.training:
             lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=device)
             self._r2m_log_agreement(batch, rewards, rm_rewards, gold, lengths)
@@ -243,14 +319,14 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         for name, (scores, truth) in columns.items():
             fraction, pairs = pairwise_agreement(gather(scores.float()), gather(truth.float()), k)
             if pairs:
-                trl_internals.log_metric(self, name, fraction)
+                self._r2m_log_batch(name, fraction)
         if self.r2m_config.reads_hidden_states:
             head, rm = (gather(t) for t in self.head_update.reward_terms(batch.rte, batch.hidden,
                                                                          batch.attention_mask, batch.omega))
             spread_head, spread_rm = head.view(-1, k).std(-1), rm.view(-1, k).std(-1)
             total = spread_head + spread_rm
             if bool((total > 0).any()):
-                trl_internals.log_metric(self, "r2m/head_share", (spread_head / total)[total > 0].mean().item())
+                self._r2m_log_batch("r2m/head_share", (spread_head / total)[total > 0].mean().item())
 
     # head update -------------------------------------------------------------------------------
 
@@ -258,6 +334,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         """The last micro-step over the batch has run: one GREBT step on the head with its
         groups of K completions."""
         batch, self._r2m_batch = self._r2m_batch, None
+        self._r2m_batch_metrics = {}
         if batch is None or not self.r2m_config.uses_head:
             return
         try:

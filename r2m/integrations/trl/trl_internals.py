@@ -75,10 +75,12 @@ class TRLOverrides:
             self._r2m_capture_rows = None
 
     def training_step(self, model, inputs, num_items_in_batch):
-        # trl 1.16.0: counts the micro-step (`_step`) after its forward and backward; the head
-        # update follows the last micro-step that uses the generation batch.
+        # trl 1.16.0: counts the micro-step (`_step`) after its forward and backward; the R2M
+        # metrics of the step's generation batch are logged at the end of each optimizer step,
+        # and the head update follows the last micro-step that uses the batch.
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if micro_step(self) % micro_steps_per_generation(self) == 0:
+        self._r2m_micro_step_done(ends_optimizer_step(self))
+        if micro_step(self) % micro_steps_per_generation(self.args) == 0:
             self._r2m_generation_batch_done()
         return loss
 
@@ -98,10 +100,17 @@ def micro_step(trainer) -> int:
     return trainer._step
 
 
-def micro_steps_per_generation(trainer) -> int:
+def ends_optimizer_step(trainer) -> bool:
+    """Whether the training_step just completed ends an optimizer step: trl 1.16.0's own test
+    where it logs `step_time` (`_step % current_gradient_accumulation_steps == 0`)."""
+    return trainer._step % trainer.current_gradient_accumulation_steps == 0
+
+
+def micro_steps_per_generation(args) -> int:
     """training_step calls one generation batch serves, all iterations over it included (trl
-    1.16.0's `generate_every` in _prepare_inputs: TRL generates when _step reaches a multiple)."""
-    return trainer.args.steps_per_generation * trainer.args.num_iterations
+    1.16.0's `generate_every` in _prepare_inputs: TRL generates when _step reaches a multiple);
+    `args` is the trainer's GRPOConfig or RLOOConfig."""
+    return args.steps_per_generation * args.num_iterations
 
 
 def reference_pass_runs_the_policy(trainer) -> bool:
@@ -150,5 +159,12 @@ def tokenizer(trainer):
 
 def log_metric(trainer, name: str, value: float) -> None:
     """Append to trl 1.16.0's `_metrics[mode][name]`, which TRL averages into each log entry
-    (train) or into the evaluation's metrics (eval, with its `eval_` prefix)."""
+    (train: the optimizer steps since the last entry) or into the evaluation's metrics (eval,
+    with its `eval_` prefix)."""
     trainer._metrics["train" if trainer.model.training else "eval"][name].append(value)
+
+
+def log_count(trainer, name: str, value: int) -> None:
+    """Set trl 1.16.0's `_metrics[mode][name]` to this one value, as TRL logs its own running
+    count `num_tokens`: the next log entry holds the count, not an average over its window."""
+    trainer._metrics["train" if trainer.model.training else "eval"][name] = [float(value)]
