@@ -90,8 +90,9 @@ def run_arm(args: argparse.Namespace) -> dict:
             trainer = GRPOTrainer(args.policy, reward_funcs=rm_model, reward_processing_classes=rm_tokenizer, **common)
         else:
             policy_dim = trl_policy_dim(args.policy)
-            rm = R2MRewardModel.from_sequence_classifier(rm_model, policy_dim, tokenizer=rm_tokenizer, attn_dim=64)
-            trainer = R2MGRPOTrainer(args.policy, rm, r2m_config=R2MConfig(attn_dim=64), **common)
+            r2m_config = R2MConfig(attn_dim=64)
+            rm = R2MRewardModel.from_sequence_classifier(rm_model, policy_dim, tokenizer=rm_tokenizer, config=r2m_config)
+            trainer = R2MGRPOTrainer(args.policy, rm, r2m_config=r2m_config, **common)
             timed(trl_internals, "policy_forward", spent, "extra_forward", cuda)
             timed(trainer.head_update, "step", spent, "head_update", cuda)
 
