@@ -21,6 +21,7 @@ from .config import R2MConfig
 from .loss import GREBTLoss
 from .ablations import noise_like
 from .reward_model import R2MRewardModel
+from .tokens import completion_positions
 
 
 class NonFiniteError(RuntimeError):
@@ -96,6 +97,18 @@ class HeadUpdate:
         self.loss = GREBTLoss(alpha=config.alpha, backend=loss_backend)
         trained = self.head.score if config.mode == "iterative-head" else self.head
         self.optimizer = torch.optim.AdamW(trained.parameters(), lr=config.head_learning_rate)
+
+    def head_mask(self, attention_mask: torch.Tensor, completion_start: int) -> torch.Tensor:
+        """The mask the head attends with, (B, P+C) like the batch's attention_mask (prompt in
+        columns [0, completion_start), completion after): the mask itself when the head attends
+        to the whole sequence; with head_attends="completion", only each row's completion
+        positions, except in a row whose completion has none (TRL masks a truncated completion
+        out with mask_truncated_completions), which keeps its whole mask rather than have
+        nothing to attend to. The RTEs are not affected: the RM reads the whole sequence."""
+        if self.config.head_attends == "sequence":
+            return attention_mask
+        completion = completion_positions(attention_mask, completion_start)
+        return torch.where(completion.any(-1, keepdim=True), completion.to(attention_mask.dtype), attention_mask)
 
     def head_input(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return noise_like(hidden, attention_mask) if self.config.mode == "noise" else hidden

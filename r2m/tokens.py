@@ -1,5 +1,6 @@
 """Token and mask helpers of the reward model: where a row's last token is, the positions a
-padded row would have unpadded, and whether two tokenizers make the same ids."""
+padded row would have unpadded, whether two tokenizers make the same ids, and where a
+generated row's completion is."""
 
 from __future__ import annotations
 
@@ -30,3 +31,10 @@ def same_tokenizer(a, b) -> bool:
         return False
     return (a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
             and a.all_special_tokens == b.all_special_tokens)
+
+
+def completion_positions(attention_mask: torch.Tensor, completion_start: int) -> torch.Tensor:
+    """(B, S) bool: the valid positions of each row's completion in TRL's layout of a generated
+    batch, prompt (left-padded) in columns [0, completion_start), completion from there on."""
+    valid = attention_mask.bool()
+    return valid & (torch.arange(valid.shape[-1], device=valid.device) >= completion_start)

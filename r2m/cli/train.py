@@ -127,7 +127,7 @@ def _load(name: str, loader, value: str):
         raise UsageError(f"{name}: cannot load {value}: {str(e).strip().splitlines()[0]}") from None
 
 
-def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
+def check_resume(output_dir: str, mode: str, max_steps: int, head_attends: str) -> str:
     """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -137,7 +137,7 @@ def check_resume(output_dir: str, mode: str, max_steps: int) -> str:
         state = read_checkpoint_state(folder)
         read_head_weights(folder)
         # max_steps <= 0 (a length in epochs) is only known once TRL has the data; the trainer checks it
-        check_resumable(state, folder, mode, max_steps if max_steps > 0 else state["max_steps"])
+        check_resumable(state, folder, mode, max_steps if max_steps > 0 else state["max_steps"], head_attends)
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
@@ -178,7 +178,8 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     policy_config = _load("policy", AutoConfig.from_pretrained, policy)
     tokenizer = _load("policy", lambda p: AutoTokenizer.from_pretrained(p, padding_side="left"), policy)
     prompts = load_prompts(script.prompts, tokenizer)
-    checkpoint = check_resume(args.output_dir, r2m_config.mode, args.max_steps) if script.resume else None
+    checkpoint = (check_resume(args.output_dir, r2m_config.mode, args.max_steps, r2m_config.head_attends)
+                  if script.resume else None)
     rm_model = _load("reward_model", lambda p: AutoModelForSequenceClassification.from_pretrained(p, num_labels=1),
                      rm_source)
     set_seed(args.seed)  # the head's initialisation, like everything after it, follows the seed

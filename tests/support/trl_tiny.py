@@ -42,7 +42,8 @@ def trl_config(kind: str, output_dir, **overrides):
     return (GRPOConfig if kind == "grpo" else RLOOConfig)(**settings)
 
 
-def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=True, eval_prompts=0, **overrides):
+def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=True, eval_prompts=0,
+                 head_attends="sequence", **overrides):
     """An R2M trainer on the tiny models (the first `eval_prompts` prompts also as an evaluation
     set); returns (trainer, its R2MRewardModel)."""
     from datasets import Dataset
@@ -61,7 +62,8 @@ def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=T
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     trainer_cls = R2MGRPOTrainer if kind == "grpo" else R2MRLOOTrainer
     trainer = trainer_cls(policy, rm, args=trl_config(kind, output_dir, **overrides),
-                          r2m_config=R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2),
+                          r2m_config=R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2,
+                                               head_attends=head_attends),
                           train_dataset=dataset, eval_dataset=dataset.select(range(eval_prompts)) if eval_prompts else None,
                           processing_class=tok, judge=tiny_judge_func if judge else None)
     return trainer, rm

@@ -1,5 +1,6 @@
-"""The R2M state in TRL's checkpoints: the head's weights and a state file (mode, schedule
-length, extra-forward count, the head optimizer's state) beside TRL's own files in checkpoint-N,
+"""The R2M state in TRL's checkpoints: the head's weights and a state file (mode, what the head
+attends to, schedule length, extra-forward count, the head optimizer's state) beside TRL's own
+files in checkpoint-N,
 so that a resumed run continues exactly."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ HEAD_FILE = "r2m_head.safetensors"
 STATE_FILE = "r2m_state.pt"
 
 
-STATE_KEYS = ("mode", "max_steps", "extra_forwards", "optimizer")
+STATE_KEYS = ("mode", "max_steps", "extra_forwards", "optimizer")  # and head_attends, absent before it existed
 
 
 def _first_line(error: Exception) -> str:
@@ -51,11 +52,16 @@ def read_head_weights(folder, device="cpu") -> dict:
         raise ValueError(f"{path} is damaged ({_first_line(e)})") from None
 
 
-def check_resumable(state: dict, folder, mode: str, max_steps: int) -> None:
-    """ValueError when the checkpoint was written in another mode or for another schedule length
-    (omega depends on max_steps, so a different one would change every reward after the resume)."""
+def check_resumable(state: dict, folder, mode: str, max_steps: int, head_attends: str) -> None:
+    """ValueError when the checkpoint was written in another mode, with the head attending to
+    something else, or for another schedule length (omega depends on max_steps, so a different
+    one would change every reward after the resume)."""
     if state["mode"] != mode:
         raise ValueError(f"{folder} was written in mode {state['mode']!r}; this run is {mode!r}")
+    written = state.get("head_attends", "sequence")  # checkpoints older than the setting attended to it all
+    if written != head_attends:
+        raise ValueError(f"{folder} was written with head_attends={written!r}; this run has "
+                         f"head_attends={head_attends!r}")
     if state["max_steps"] != max_steps:
         raise ValueError(f"{folder} was written for max_steps={state['max_steps']} (omega's schedule length); "
                          f"this run has max_steps={max_steps}")
@@ -79,7 +85,8 @@ class SaveR2MState(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         save_file({k: v.detach().cpu().contiguous() for k, v in trainer.reward_model.head.state_dict().items()},
                   os.path.join(folder, HEAD_FILE))
-        torch.save({"mode": trainer.r2m_config.mode, "max_steps": state.max_steps,
+        torch.save({"mode": trainer.r2m_config.mode, "head_attends": trainer.r2m_config.head_attends,
+                    "max_steps": state.max_steps,
                     "extra_forwards": trainer._r2m_extra_forwards,
                     "optimizer": trainer.head_update.optimizer.state_dict()}, os.path.join(folder, STATE_FILE))
 
@@ -88,7 +95,8 @@ def load_r2m_state(trainer, checkpoint) -> None:
     """Restore the head, its optimizer and the extra-forward count from `checkpoint`, after
     checking that it suits this run."""
     state = read_checkpoint_state(checkpoint)
-    check_resumable(state, checkpoint, trainer.r2m_config.mode, trainer.state.max_steps)
+    check_resumable(state, checkpoint, trainer.r2m_config.mode, trainer.state.max_steps,
+                    trainer.r2m_config.head_attends)
     trainer.reward_model.head.load_state_dict(read_head_weights(checkpoint, trainer.accelerator.device))
     trainer.head_update.optimizer.load_state_dict(state["optimizer"])
     trainer._r2m_extra_forwards = state["extra_forwards"]
