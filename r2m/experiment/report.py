@@ -12,6 +12,11 @@ from pathlib import Path
 
 from .stats import area_under, paired_summary
 
+# held-out endpoints compared within a seed: gold averaged (trapezoid) over the run, over its
+# second half (the evaluations at steps >= T/2), and at the last step
+PAIRED_METRICS = ("gold_auc", "gold_second_half", "gold_final")
+HEAD_TO_HEAD = (("r2m", "iterative-head"),)  # contrasts between two arms, beside each arm's against static
+
 # TRL log keys of the training batches, each averaged over the first third, the last third and the
 # whole of the run's scorings that logged it (the arms whose reward has a head; the attention
 # diagnostics in the arms that read hidden states)
@@ -32,6 +37,7 @@ def run_metrics(record: dict) -> dict:
     metrics = {"arm": record["arm"], "seed": record["seed"], "head_learning_rate": record.get("head_learning_rate"),
                "head_attends": record.get("head_attends"), "seconds": record["seconds"],
                "gold_auc": area_under(steps, [r["gold"] for r in rows]),
+               "gold_second_half": area_under(*zip(*[(r["step"], r["gold"]) for r in rows if 2 * r["step"] >= steps[-1]])),
                "gold_start": rows[0]["gold"], "gold_final": rows[-1]["gold"],
                "rm_reward_final": rows[-1]["rm_reward"], "kl_final": rows[-1]["kl"],
                "length_start": rows[0]["length"], "length_final": rows[-1]["length"]}
@@ -67,20 +73,26 @@ def summarise(records: list[dict], meta: dict) -> dict:
     by_key = {(m["arm"], m["seed"]): m for m in runs}
     seeds = sorted({m["seed"] for m in runs})
     arms = [a for a in meta["arms"] if a != "static"]
-    paired = {}
-    for arm in arms:
-        paired[arm] = {}
-        for metric in ("gold_auc", "gold_final"):
-            diffs = [by_key[arm, s][metric] - by_key["static", s][metric] for s in seeds
-                     if (arm, s) in by_key and ("static", s) in by_key]
-            paired[arm][metric] = {"per_seed": diffs, **paired_summary(diffs)} if diffs else None
+
+    def contrast(arm, baseline):
+        out = {}
+        for metric in PAIRED_METRICS:
+            diffs = [by_key[arm, s][metric] - by_key[baseline, s][metric] for s in seeds
+                     if (arm, s) in by_key and (baseline, s) in by_key]
+            out[metric] = {"per_seed": diffs, **paired_summary(diffs)} if diffs else None
+        return out
+
+    paired = {arm: contrast(arm, "static") for arm in arms}
+    # the paper's own contrast: policy feedback (r2m) against none (its Iterative RMHead baseline)
+    head_to_head = {f"{a} − {b}": contrast(a, b) for a, b in HEAD_TO_HEAD if a in arms and b in arms}
     static_start = [r for r in records if r["arm"] == "static"]
     setup = {"rm_fit": meta.get("rm_fit", {}).get("stats"),
              "initial_held_out": {  # the initial policy's held-out samples (step 0 of the static arms)
                  key: _mean(r["eval"][0][key] for r in static_start)
                  for key in ("gold", "rm_agree_gold", "rm_agree_length", "length", "rm_reward")},
              "gold_max": meta.get("gold_max")}
-    return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "pairing": pairing_checks(records)}
+    return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "head_to_head": head_to_head,
+            "pairing": pairing_checks(records)}
 
 
 def _fmt(value, spec=".3f", signed=False) -> str:
@@ -89,17 +101,17 @@ def _fmt(value, spec=".3f", signed=False) -> str:
     return format(value, ("+" if signed else "") + spec)
 
 
-def paired_line(arm: str, s: dict) -> str:
-    """One arm's paired difference: mean ± SD, the seeds, and the test, interval and detectable
+def paired_line(name: str, s: dict) -> str:
+    """One contrast's paired difference: mean ± SD, the seeds, and the test, interval and detectable
     effect only where the sample supports them (stats.paired_summary's `untested` says why not)."""
     per_seed = ", ".join(_fmt(d, signed=True) for d in s["per_seed"])
     if s["n"] < 2:
-        return f"  {arm:<15} {_fmt(s['mean'], signed=True)} (n={s['n']}; no p-value, CI or detectable effect: {s['untested']})"
+        return f"  {name:<22} {_fmt(s['mean'], signed=True)} (n={s['n']}; no p-value, CI or detectable effect: {s['untested']})"
     if s["untested"] is not None:
         spread = f" ± {_fmt(s['sd'])}" if s["sd"] == 0 else ""  # an SD of two seeds is not shown
-        return (f"  {arm:<15} {_fmt(s['mean'], signed=True)}{spread} (n={s['n']}; per seed {per_seed}; "
+        return (f"  {name:<22} {_fmt(s['mean'], signed=True)}{spread} (n={s['n']}; per seed {per_seed}; "
                 f"no p-value, CI or detectable effect: {s['untested']})")
-    return (f"  {arm:<15} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
+    return (f"  {name:<22} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
             f"SE {_fmt(s['se'])}, 95% CI [{_fmt(s['ci_low'], signed=True)}, {_fmt(s['ci_high'], signed=True)}], "
             f"p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
 
@@ -131,7 +143,8 @@ def training_table(summary: dict) -> str:
 
 
 def table(summary: dict) -> str:
-    """The printed table: every run, then the paired differences of gold AUC per arm."""
+    """The printed table: every run, then per endpoint the paired differences of each arm from
+    static and of r2m from iterative-head."""
     lines = []
     head = f"{'arm':<15}{'seed':>5}{'gold AUC':>10}{'gold 0→T':>15}{'frozen RM T':>13}{'KL/tok T':>10}{'len 0→T':>13}"
     lines += [head, "-" * len(head)]
@@ -139,11 +152,13 @@ def table(summary: dict) -> str:
         lines.append(f"{m['arm']:<15}{m['seed']:>5}{m['gold_auc']:>10.3f}"
                      f"{m['gold_start']:>8.3f}→{m['gold_final']:.3f}{m['rm_reward_final']:>13.3f}"
                      f"{m['kl_final']:>10.4f}{m['length_start']:>7.1f}→{m['length_final']:.1f}")
-    paired = [(arm, metrics["gold_auc"]) for arm, metrics in summary["paired"].items() if metrics["gold_auc"]]
-    if paired:
-        lines.append("")
-        lines.append("paired difference of gold AUC on the held-out set (arm − static, same seed):")
-        lines += [paired_line(arm, s) for arm, s in paired]
+    for metric, title in (("gold_auc", "gold AUC (mean over the run)"),
+                          ("gold_second_half", "gold over the second half of the run")):
+        paired = [(f"{arm} − static", m[metric]) for arm, m in summary["paired"].items() if m[metric]]
+        paired += [(name, m[metric]) for name, m in summary.get("head_to_head", {}).items() if m[metric]]
+        if paired:
+            lines += ["", f"paired difference of held-out {title}, same seed:"]
+            lines += [paired_line(name, s) for name, s in paired]
     bad = {seed: [k for k, ok in c.items() if not ok] for seed, c in summary["pairing"].items()}
     bad = {seed: keys for seed, keys in bad.items() if keys}
     lines.append("pairing: " + ("every arm of a seed saw the same prompts and the same held-out samples at step 0"

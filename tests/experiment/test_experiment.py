@@ -83,8 +83,11 @@ def test_report_files_and_table(experiment, capsys):
         assert paired["n"] == 2
     assert (out / "report.png").stat().st_size > 0
     assert len((out / "report.csv").read_text().splitlines()) == 1 + 2 * len(ARMS)
+    by = {(m["arm"], m["seed"]): m["gold_second_half"] for m in summary["runs"]}
+    head_to_head = summary["head_to_head"]["r2m − iterative-head"]["gold_second_half"]
+    assert head_to_head["per_seed"] == pytest.approx([by["r2m", s] - by["iterative-head", s] for s in (0, 1)])
     text = (out / "report.md").read_text()
-    assert "paired difference of gold AUC" in text
+    assert "paired difference of held-out gold AUC" in text and "r2m − iterative-head" in text
     # two seeds: a mean and the seeds, but no p-value, interval or detectable effect
     assert "no p-value, CI or detectable effect: 2 seeds, at least 3 needed" in text and "smallest detectable" not in text
     assert all(math.isnan(summary["paired"][arm]["gold_auc"]["mde"]) for arm in ("r2m", "iterative-head"))

@@ -157,3 +157,19 @@ def test_shared_focus_on_hand_built_groups():
     assert shared([0, 0, 0, 2, 3, 5], h=near, rtol=1e-3) == [True, False]
     with pytest.raises(ValueError):
         shared_focus(torch.ones(4, 1, 6) / 6, hidden[:4], mask[:4], 3)
+
+
+def test_run_metrics_gold_endpoints():
+    """A run's held-out gold over the whole run and over its second half (steps >= T/2), and the
+    training metrics' thirds over the scorings that logged them."""
+    from r2m.experiment.report import run_metrics
+
+    rows = [dict(step=t, gold=g, rm_reward=0.0, kl=0.0, length=3.0, agree_gold=0.5, rm_agree_gold=0.5,
+                 agree_length=0.5, rm_agree_length=0.5) for t, g in ((0, 0.3), (4, 0.2), (8, 0.1), (12, 0.4))]
+    train = [{"step": 1, "r2m/head_share": 0.0}, {"step": 2}, {"step": 3, "r2m/head_share": 0.3},
+             {"step": 4, "r2m/head_share": 0.6}]
+    m = run_metrics({"arm": "r2m", "seed": 0, "seconds": 1.0, "eval": rows, "train": train})
+    assert m["gold_auc"] == pytest.approx((2 * 0.25 + 2 * 0.15 + 2 * 0.25) / 6)
+    assert m["gold_second_half"] == pytest.approx((0.1 + 0.4) / 2)  # the evaluations at 8 and 12
+    assert (m["train_head_share_first_third"], m["train_head_share_last_third"]) == (0.0, 0.6)
+    assert m["train_head_share_run"] == pytest.approx(0.3)
