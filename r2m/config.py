@@ -21,7 +21,7 @@ from .head import HEAD_BACKENDS
 MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterative-head")
 
 # What the head's attention reads (docs/design.md §1.2): the whole prompt + completion, as the
-# paper's §4.1 has it, or the completion only (ours, a deviation: at a large head learning rate
+# paper's section 4.1 has it, or the completion only (ours, a deviation: at a large head learning rate
 # the head learns to attend to prompt tokens every completion of a group shares, and then cannot
 # tell the completions apart).
 HEAD_ATTENDS = ("sequence", "completion")
@@ -61,7 +61,7 @@ class R2MConfig:
     head_backend: str = field(default="auto", metadata={
         "help": "R2MHead backend", "choices": list(HEAD_BACKENDS)})
     head_attends: str = field(default="sequence", metadata={
-        "help": "what the head's attention reads: sequence (prompt + completion, the paper's §4.1) or "
+        "help": "what the head's attention reads: sequence (prompt + completion, the paper's section 4.1) or "
                 "completion (the completion's positions only; a deviation from the paper)",
         "choices": list(HEAD_ATTENDS)})
 

@@ -37,7 +37,8 @@ def run_metrics(record: dict) -> dict:
     metrics = {"arm": record["arm"], "seed": record["seed"], "head_learning_rate": record.get("head_learning_rate"),
                "head_attends": record.get("head_attends"), "seconds": record["seconds"],
                "gold_auc": area_under(steps, [r["gold"] for r in rows]),
-               "gold_second_half": area_under(*zip(*[(r["step"], r["gold"]) for r in rows if 2 * r["step"] >= steps[-1]])),
+               "gold_second_half": area_under(*zip(*[(r["step"], r["gold"]) for r in rows
+                                                       if 2 * r["step"] >= steps[-1]])),
                "gold_start": rows[0]["gold"], "gold_final": rows[-1]["gold"],
                "rm_reward_final": rows[-1]["rm_reward"], "kl_final": rows[-1]["kl"],
                "length_start": rows[0]["length"], "length_final": rows[-1]["length"]}
@@ -106,18 +107,21 @@ def paired_line(name: str, s: dict) -> str:
     effect only where the sample supports them (stats.paired_summary's `untested` says why not)."""
     per_seed = ", ".join(_fmt(d, signed=True) for d in s["per_seed"])
     if s["n"] < 2:
-        return f"  {name:<22} {_fmt(s['mean'], signed=True)} (n={s['n']}; no p-value, CI or detectable effect: {s['untested']})"
+        return (f"  {name:<24} {_fmt(s['mean'], signed=True)} (n={s['n']}; "
+                f"no p-value, CI or detectable effect: {s['untested']})")
     if s["untested"] is not None:
         spread = f" ± {_fmt(s['sd'])}" if s["sd"] == 0 else ""  # an SD of two seeds is not shown
-        return (f"  {name:<22} {_fmt(s['mean'], signed=True)}{spread} (n={s['n']}; per seed {per_seed}; "
+        return (f"  {name:<24} {_fmt(s['mean'], signed=True)}{spread} (n={s['n']}; per seed {per_seed}; "
                 f"no p-value, CI or detectable effect: {s['untested']})")
-    return (f"  {name:<22} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
+    return (f"  {name:<24} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
             f"SE {_fmt(s['se'])}, 95% CI [{_fmt(s['ci_low'], signed=True)}, {_fmt(s['ci_high'], signed=True)}], "
             f"p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
 
 
 def _change(m: dict, name: str, spec: str = ".2f") -> str:
     first, last = m[f"train_{name}_first_third"], m[f"train_{name}_last_third"]
+    if math.isnan(first) and math.isnan(last):
+        return "n/a"
     return f"{_fmt(first, spec)}→{_fmt(last, spec)}"
 
 
@@ -138,7 +142,8 @@ def training_table(summary: dict) -> str:
     lines += ["re-ranked: share of groups whose best or worst completion the reward puts elsewhere than the frozen RM;",
               "head share: the head term's share of a group's reward spread; attn on compl.: the head's attention",
               "on completion tokens; max weight: its largest weight; shared focus: share of groups where every row's",
-              "most-attended position holds a hidden state the whole group shares (n/a: the arm reads no hidden states)"]
+              "most-attended position holds a hidden state the whole group shares",
+              "(n/a: not logged in that arm: iterative-head reads no hidden states)"]
     return "\n".join(lines)
 
 

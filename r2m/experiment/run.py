@@ -231,11 +231,12 @@ def check_output_folder(out: Path, settings: dict) -> None:
         try:
             record = json.loads(saved.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"output_dir: {saved} is damaged ({type(e).__name__}); move it away to rerun {run}") from None
+            raise UsageError(f"output_dir: {saved} is damaged ({type(e).__name__}); "
+                             f"move it away to rerun {run}") from None
         theirs = record.get("settings", {}) if isinstance(record, dict) else {}
         if not isinstance(record, dict) or record.get("digest") != digest:
-            changed = [f"{k} {theirs.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(theirs) | set(settings))
-                       if theirs.get(k) != settings.get(k)][:3]
+            changed = [f"{k} {theirs.get(k)!r} there, {settings.get(k)!r} now"
+                       for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)][:3]
             raise UsageError(f"output_dir: {out} holds runs made with other settings ({run}: "
                              f"{'; '.join(changed) or 'no settings recorded'}); give another --output_dir, or "
                              "those runs' settings to continue them")

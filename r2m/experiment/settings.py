@@ -24,7 +24,8 @@ COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_l
               gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1,
               head_learning_rate=3e-3, attn_dim=64, eval_samples=2)
 PRESET_SETTINGS = {
-    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=4,
+    # 8 steps: 4 head updates, enough for the head's attention to move (2 barely showed it)
+    "demo": dict(COMMON, max_steps=8, output_dir="runs/experiment", seeds="0,1", eval_every=4,
                  arms="static,r2m,iterative-head", rm_fit_prompts=16, eval_prompts=8),
     "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2,3,4", eval_every=6,
                  arms=DEFAULT_ARMS, rm_fit_prompts=32, eval_prompts=0),

@@ -419,7 +419,8 @@ def test_head_attends_and_attention_diagnostics(models, tmp_path, head_attends):
     start = masks[-1][1]
     moved = last["hidden"].clone()
     moved[:, :start] = torch.randn_like(moved[:, :start]) * 3
-    rewards = [HeadUpdate.rewards(trainer.head_update, last["rte"], h, last["mask"], 0.6) for h in (last["hidden"], moved)]
+    rewards = [HeadUpdate.rewards(trainer.head_update, last["rte"], h, last["mask"], 0.6)
+               for h in (last["hidden"], moved)]
     if head_attends == "completion":
         torch.testing.assert_close(rewards[0], rewards[1], rtol=1e-6, atol=1e-6)
     else:
