@@ -1,7 +1,8 @@
 """One rank of the two-process test (tests/training/test_trl_two_processes.py), launched by torchrun on
 the CPU (gloo): 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
 second group straddles the ranks. Each rank saves, per head update, its inputs, the head before
-the step and the all-reduced gradients, and its final head, to OUT/rank{r}.pt.
+the step and the all-reduced gradients, the column where each batch's completions start, its
+final head and TRL's log history, to OUT/rank{r}.pt.
 
 usage: torchrun --nproc_per_node 2 tests/support/trl_two_ranks.py MODELS OUT
 """
@@ -40,9 +41,12 @@ def main(models: Path, out: Path) -> None:
         return calculate_rewards(inputs, prompt_list, completions, completion_ids)
 
     trainer._calculate_rewards = record_prompts
+    starts, head_mask = [], head_update.head_mask
+    head_update.head_mask = lambda mask, start: (starts.append(start), head_mask(mask, start))[1]
     trainer.train()
     torch.save({"world_size": trainer.accelerator.num_processes, "updates": updates, "prompts": prompts,
-                "head": snapshot(rm.head)}, out / f"rank{rank}.pt")
+                "completion_starts": starts, "head": snapshot(rm.head), "log": trainer.state.log_history},
+               out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
