@@ -165,3 +165,21 @@ def test_retokenizes_conversational_prompts(tok):
     ids, mask = plain.rm_inputs(prompts, responses, policy_tokenizer=tok)
     texts = [plain.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
     assert texts == ["brief1+2=3", "9+9=18"]
+
+
+@pytest.mark.parametrize("head_attends", ["sequence", "completion"])
+def test_head_mask_keeps_the_completion_only_when_asked(head_attends):
+    """HeadUpdate.head_mask on TRL's layout (prompt left-padded in columns 0-2, completion right-
+    padded from column 3): the mask itself for "sequence"; the completion's valid positions for
+    "completion", except in a row whose completion is masked out (a truncated one), which keeps
+    its whole mask; the dtype is kept."""
+    from r2m import R2MConfig
+    from r2m.head_update import HeadUpdate
+
+    rm = R2MRewardModel(torch.nn.Identity(), torch.nn.Linear(6, 1), 5, attn_dim=4)
+    update = HeadUpdate(rm, R2MConfig(head_attends=head_attends))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])
+    got = update.head_mask(mask, 3)
+    want = mask if head_attends == "sequence" else torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0],
+                                                                 [0, 1, 1, 0, 0, 0]])
+    assert torch.equal(got, want) and got.dtype == mask.dtype
