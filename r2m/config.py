@@ -20,6 +20,12 @@ from .head import HEAD_BACKENDS
 # RM's own score head phi(rte), and GREBT on those rewards trains phi alone.
 MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterative-head")
 
+# What the head's attention reads (docs/design.md §1.2): the whole prompt + completion, as the
+# paper's section 4.1 has it, or the completion only (ours, a deviation: at a large head learning rate
+# the head learns to attend to prompt tokens every completion of a group shares, and then cannot
+# tell the completions apart).
+HEAD_ATTENDS = ("sequence", "completion")
+
 
 DEVICES = ("auto", "cpu", "cuda")  # what each command's --device takes
 
@@ -59,13 +65,17 @@ class R2MConfig:
     grebt_alpha: float = field(default=0.3, metadata={"help": "GREBT mix alpha (bt-only forces 0, gre-only 1)"})
     head_backend: str = field(default="auto", metadata={
         "help": "R2MHead backend", "choices": list(HEAD_BACKENDS)})
+    head_attends: str = field(default="sequence", metadata={
+        "help": "what the head's attention reads: sequence (prompt + completion, the paper's section 4.1) or "
+                "completion (the completion's positions only; a deviation from the paper)",
+        "choices": list(HEAD_ATTENDS)})
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """ValueError naming the first field out of range."""
-        for name, choices in (("mode", MODES), ("head_backend", HEAD_BACKENDS)):
+        for name, choices in (("mode", MODES), ("head_backend", HEAD_BACKENDS), ("head_attends", HEAD_ATTENDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         for name in ("attn_dim", "num_heads"):

@@ -174,6 +174,27 @@ class R2MHead(nn.Module):
         """H_hat (B, rm_dim) in the parameters' dtype: the attention block's output."""
         return self.o_proj(self._attended(rte, hidden, mask, cu_seqlens)[0])
 
+    @torch.no_grad()
+    def attention_weights(self, rte, hidden, *, mask=None, cu_seqlens=None) -> torch.Tensor:
+        """Where each head looks: a[b, j, t] = softmax_t(q~_j . h_t / sqrt(d_h)) over the valid
+        positions, 0 at the others, (B, n_h, S) in the parameters' dtype (at least fp32); each
+        row sums to 1 over its valid positions. Plain PyTorch on the folded query whatever the
+        backend (a diagnostic, not a fast path; q~_j . h_t = q_j . k_t, so these are the eager
+        backend's weights too), without gradient. Arguments as attend's; packed input
+        (N, policy_dim) + cu_seqlens comes back padded to the longest sequence, each row's
+        positions from its sequence's start."""
+        validate_sequences(hidden, mask, cu_seqlens)
+        self._check(rte, hidden, mask, cu_seqlens)
+        acc = torch.promote_types(self.q_proj.weight.dtype, torch.float32)
+        n_h, d_h = self.num_heads, self.head_dim
+        q = self.q_proj(rte.to(self.q_proj.weight.dtype)).view(rte.shape[0], n_h, d_h)
+        q_tilde = torch.einsum("bjd,jdp->bjp", q, self.k_proj.weight.view(n_h, d_h, self.policy_dim)).to(acc)
+        hidden, mask = r2m_kernels.padded_sequences(hidden, mask, cu_seqlens)
+        scores = torch.matmul(q_tilde, hidden.to(acc).transpose(1, 2)) / math.sqrt(d_h)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
     def embed(self, rte, hidden, *, mask=None, cu_seqlens=None, step=None, omega=None) -> torch.Tensor:
         """H_fin = (1 - omega) H_hat + omega rte, (B, rm_dim) in the parameters' dtype.
 

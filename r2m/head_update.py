@@ -21,6 +21,7 @@ from .config import R2MConfig
 from .loss import GREBTLoss
 from .ablations import noise_like
 from .reward_model import R2MRewardModel
+from .tokens import attended_positions
 
 
 class NonFiniteError(RuntimeError):
@@ -96,6 +97,10 @@ class HeadUpdate:
         self.loss = GREBTLoss(alpha=config.alpha, backend=loss_backend)
         trained = self.head.score if config.mode == "iterative-head" else self.head
         self.optimizer = torch.optim.AdamW(trained.parameters(), lr=config.head_learning_rate)
+
+    def head_mask(self, attention_mask: torch.Tensor, completion_start: int) -> torch.Tensor:
+        """The mask the head attends with under this run's head_attends (r2m.tokens.attended_positions)."""
+        return attended_positions(attention_mask, completion_start, self.config.head_attends)
 
     def head_input(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return noise_like(hidden, attention_mask) if self.config.mode == "noise" else hidden

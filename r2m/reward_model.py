@@ -15,7 +15,7 @@ import torch.nn as nn
 from .config import R2MConfig
 from .head import R2MHead
 from .messages import turn_text
-from .tokens import generated_layout, last_valid_index, position_ids_from_mask
+from .tokens import attended_positions, generated_layout, last_valid_index, position_ids_from_mask
 
 FORMAT_VERSION = 1  # of r2m_config.json; from_pretrained refuses any other
 CONFIG_FILE = "r2m_config.json"
@@ -231,7 +231,8 @@ class R2MRewardModel(nn.Module):
         ended with EOS (one bool for all, or one per pair; False for one cut at the length limit).
         omega: the weight of the RM's own embedding (docs/design.md §1.2); None is the evaluation
         weight omega_floor. In mode static the reward is the RM's own, in iterative-head phi(rte);
-        in every other mode, noise included, the head reads the policy's hidden states."""
+        in every other mode, noise included, the head reads the policy's hidden states, over the
+        positions its config's head_attends names (the whole sequence, or the completion only)."""
         from .capture import HiddenStateCapture, policy_backbone
 
         if len(prompts) != len(completions) or not prompts:
@@ -240,7 +241,8 @@ class R2MRewardModel(nn.Module):
         ended = [ended] * len(prompts) if isinstance(ended, bool) else list(ended)
         if len(ended) != len(prompts):
             raise ValueError(f"ended must be a bool or one per pair ({len(prompts)}); got {len(ended)}")
-        input_ids, attention_mask = _generated_layout(tokenizer, prompts, completions, ended, chat_template_kwargs)
+        input_ids, attention_mask, completion_start = _generated_layout(tokenizer, prompts, completions, ended,
+                                                                        chat_template_kwargs)
         rte = self.reward_token_embeddings(*self.rm_inputs(prompts, completions, input_ids=input_ids,
                                                            attention_mask=attention_mask,
                                                            chat_template_kwargs=chat_template_kwargs))
@@ -253,8 +255,8 @@ class R2MRewardModel(nn.Module):
         with HiddenStateCapture(backbone) as capture:
             backbone(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         head_device = self.head.score.weight.device
-        return self(rte.to(head_device), capture.hidden.to(head_device), mask=attention_mask.to(head_device),
-                    omega=omega)
+        head_mask = attended_positions(attention_mask, completion_start, self.config.head_attends)
+        return self(rte.to(head_device), capture.hidden.to(head_device), mask=head_mask.to(head_device), omega=omega)
 
     # save and reload ---------------------------------------------------------------------------
 
@@ -378,9 +380,9 @@ def read_head_config(folder) -> dict:
 
 
 def _generated_layout(tokenizer, prompts, completions, ended, chat_template_kwargs):
-    """(input_ids, attention_mask) (B, P+C) of prompt + completion pairs laid out as trl 1.16
-    lays out a generated batch: each prompt tokenized as its _tokenize_prompts does, each
-    completion's tokens plus EOS where it ended."""
+    """(input_ids, attention_mask, completion_start) of prompt + completion pairs laid out as trl
+    1.16 lays out a generated batch (r2m.tokens.generated_layout): each prompt tokenized as its
+    _tokenize_prompts does, each completion's tokens plus EOS where it ended."""
     if isinstance(prompts[0], (list, tuple)):
         prompt_ids = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, **(chat_template_kwargs or {}))["input_ids"]

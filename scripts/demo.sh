@@ -3,8 +3,9 @@
 # extras (TRL included), then `r2m experiment` with its short defaults: SmolLM2-135M-Instruct
 # trained with TRL's RLOO against a deliberately biased reward model, static RM vs R2M vs the
 # paper's Iterative RMHead baseline, paired over two seeds, measured on held-out prompts; ends
-# with the paired table and runs/experiment/report.{md,png}. Extra arguments go to
-# `r2m experiment` (e.g. --preset full, --seeds 0,1,2, --device cuda).
+# with the held-out table, what each reward did on its training batches (how often it re-ranked
+# a group against the frozen RM, where R2M's head looked) and runs/experiment/report.{md,png}.
+# Extra arguments go to `r2m experiment` (e.g. --preset full, --seeds 0,1,2, --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh

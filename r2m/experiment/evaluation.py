@@ -100,7 +100,8 @@ class HeldOutEvaluation(TrainerCallback):
                 rte = rm.reward_token_embeddings(*rm.rm_inputs(prompts, completions, input_ids=ids,
                                                                attention_mask=mask))
                 omega = trainer._r2m_omega()
-                reward = trainer.head_update.rewards(rte, hidden, mask, omega).cpu()
+                head_mask = trainer.head_update.head_mask(mask, width)
+                reward = trainer.head_update.rewards(rte, hidden, head_mask, omega).cpu()
                 rm_reward = rm.static_reward(rte).cpu()
         finally:
             model.train(was_training)

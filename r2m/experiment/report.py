@@ -12,9 +12,17 @@ from pathlib import Path
 
 from .stats import area_under, paired_summary
 
-# TRL log keys averaged over the last third of a run, for the arms whose reward has a head
-TRAIN_AGREEMENT = ("r2m/agree_gold", "r2m/rm_agree_gold", "r2m/agree_length", "r2m/rm_agree_length",
-                   "r2m/head_share")
+# held-out endpoints compared within a seed: gold averaged (trapezoid) over the run, over its
+# second half (the evaluations at steps >= T/2), and at the last step
+PAIRED_METRICS = ("gold_auc", "gold_second_half", "gold_final")
+HEAD_TO_HEAD = (("r2m", "iterative-head"),)  # contrasts between two arms, beside each arm's against static
+
+# TRL log keys of the training batches, each averaged over the first third, the last third and the
+# whole of the run's scorings that logged it (the arms whose reward has a head; the attention
+# diagnostics in the arms that read hidden states)
+TRAIN_METRICS = ("r2m/agree_gold", "r2m/rm_agree_gold", "r2m/agree_length", "r2m/rm_agree_length",
+                 "r2m/head_share", "r2m/rerank_share", "r2m/attn_completion_mass", "r2m/attn_max_weight",
+                 "r2m/attn_shared_argmax", "r2m/grebt_loss")
 
 
 def _mean(values) -> float:
@@ -26,20 +34,23 @@ def run_metrics(record: dict) -> dict:
     """One arm of one seed, from its held-out rows and TRL's per-step log."""
     rows = record["eval"]
     steps = [r["step"] for r in rows]
-    metrics = {"arm": record["arm"], "seed": record["seed"], "seconds": record["seconds"],
+    metrics = {"arm": record["arm"], "seed": record["seed"], "head_learning_rate": record.get("head_learning_rate"),
+               "head_attends": record.get("head_attends"), "seconds": record["seconds"],
                "gold_auc": area_under(steps, [r["gold"] for r in rows]),
+               "gold_second_half": area_under(*zip(*[(r["step"], r["gold"]) for r in rows
+                                                       if 2 * r["step"] >= steps[-1]])),
                "gold_start": rows[0]["gold"], "gold_final": rows[-1]["gold"],
                "rm_reward_final": rows[-1]["rm_reward"], "kl_final": rows[-1]["kl"],
                "length_start": rows[0]["length"], "length_final": rows[-1]["length"]}
     for key in ("agree_gold", "rm_agree_gold", "agree_length", "rm_agree_length"):
         metrics[f"eval_{key}_final"] = rows[-1][key]
     train = [row for row in record["train"] if "step" in row]
-    third = max(1, len(train) // 3)
-    for key in TRAIN_AGREEMENT:
-        name = key.split("/")[1]
-        metrics[f"train_{name}_first_third"] = _mean(row.get(key) for row in train[:third])
-        metrics[f"train_{name}_last_third"] = _mean(row.get(key) for row in train[len(train) - third:])
-    metrics["train_head_share_run"] = _mean(row.get("r2m/head_share") for row in train)
+    for key in TRAIN_METRICS:
+        name, values = key.split("/")[1], [row[key] for row in train if key in row]
+        third = max(1, len(values) // 3)
+        metrics[f"train_{name}_first_third"] = _mean(values[:third])
+        metrics[f"train_{name}_last_third"] = _mean(values[len(values) - third:])
+        metrics[f"train_{name}_run"] = _mean(values)
     return metrics
 
 
@@ -63,20 +74,26 @@ def summarise(records: list[dict], meta: dict) -> dict:
     by_key = {(m["arm"], m["seed"]): m for m in runs}
     seeds = sorted({m["seed"] for m in runs})
     arms = [a for a in meta["arms"] if a != "static"]
-    paired = {}
-    for arm in arms:
-        paired[arm] = {}
-        for metric in ("gold_auc", "gold_final"):
-            diffs = [by_key[arm, s][metric] - by_key["static", s][metric] for s in seeds
-                     if (arm, s) in by_key and ("static", s) in by_key]
-            paired[arm][metric] = {"per_seed": diffs, **paired_summary(diffs)} if diffs else None
+
+    def contrast(arm, baseline):
+        out = {}
+        for metric in PAIRED_METRICS:
+            diffs = [by_key[arm, s][metric] - by_key[baseline, s][metric] for s in seeds
+                     if (arm, s) in by_key and (baseline, s) in by_key]
+            out[metric] = {"per_seed": diffs, **paired_summary(diffs)} if diffs else None
+        return out
+
+    paired = {arm: contrast(arm, "static") for arm in arms}
+    # the paper's own contrast: policy feedback (r2m) against none (its Iterative RMHead baseline)
+    head_to_head = {f"{a} − {b}": contrast(a, b) for a, b in HEAD_TO_HEAD if a in arms and b in arms}
     static_start = [r for r in records if r["arm"] == "static"]
     setup = {"rm_fit": meta.get("rm_fit", {}).get("stats"),
              "initial_held_out": {  # the initial policy's held-out samples (step 0 of the static arms)
                  key: _mean(r["eval"][0][key] for r in static_start)
                  for key in ("gold", "rm_agree_gold", "rm_agree_length", "length", "rm_reward")},
              "gold_max": meta.get("gold_max")}
-    return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "pairing": pairing_checks(records)}
+    return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "head_to_head": head_to_head,
+            "pairing": pairing_checks(records)}
 
 
 def _fmt(value, spec=".3f", signed=False) -> str:
@@ -85,8 +102,54 @@ def _fmt(value, spec=".3f", signed=False) -> str:
     return format(value, ("+" if signed else "") + spec)
 
 
+def paired_line(name: str, s: dict) -> str:
+    """One contrast's paired difference: mean ± SD, the seeds, and the test, interval and detectable
+    effect only where the sample supports them (stats.paired_summary's `untested` says why not)."""
+    per_seed = ", ".join(_fmt(d, signed=True) for d in s["per_seed"])
+    if s["n"] < 2:
+        return (f"  {name:<24} {_fmt(s['mean'], signed=True)} (n={s['n']}; "
+                f"no p-value, CI or detectable effect: {s['untested']})")
+    if s["untested"] is not None:
+        spread = f" ± {_fmt(s['sd'])}" if s["sd"] == 0 else ""  # an SD of two seeds is not shown
+        return (f"  {name:<24} {_fmt(s['mean'], signed=True)}{spread} (n={s['n']}; per seed {per_seed}; "
+                f"no p-value, CI or detectable effect: {s['untested']})")
+    return (f"  {name:<24} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
+            f"SE {_fmt(s['se'])}, 95% CI [{_fmt(s['ci_low'], signed=True)}, {_fmt(s['ci_high'], signed=True)}], "
+            f"p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
+
+
+def _change(m: dict, name: str, spec: str = ".2f") -> str:
+    first, last = m[f"train_{name}_first_third"], m[f"train_{name}_last_third"]
+    if math.isnan(first) and math.isnan(last):
+        return "n/a"
+    return f"{_fmt(first, spec)}→{_fmt(last, spec)}"
+
+
+def training_table(summary: dict) -> str:
+    """What each run's reward did on its training batches (the arms with a head): how often it
+    re-ranked a group's ends against the frozen RM, the head's share of the reward spread, and
+    where the head's attention went; first third → last third of the run's scorings."""
+    runs = [m for m in summary["runs"] if m["arm"] != "static"]
+    if not runs:
+        return ""
+    head = (f"{'arm':<15}{'seed':>5}{'re-ranked':>11}{'head share':>13}{'attn on compl.':>16}"
+            f"{'max weight':>13}{'shared focus':>14}")
+    lines = ["on the training batches, first third → last third of the run's scorings:", head, "-" * len(head)]
+    for m in runs:
+        lines.append(f"{m['arm']:<15}{m['seed']:>5}{_change(m, 'rerank_share'):>11}{_change(m, 'head_share'):>13}"
+                     f"{_change(m, 'attn_completion_mass'):>16}{_change(m, 'attn_max_weight'):>13}"
+                     f"{_change(m, 'attn_shared_argmax'):>14}")
+    lines += ["re-ranked: share of groups whose best or worst completion the reward puts elsewhere than the frozen RM;",
+              "head share: the head term's share of a group's reward spread; attn on compl.: the head's attention",
+              "on completion tokens; max weight: its largest weight; shared focus: share of groups where every row's",
+              "most-attended position holds a hidden state the whole group shares",
+              "(n/a: not logged in that arm: iterative-head reads no hidden states)"]
+    return "\n".join(lines)
+
+
 def table(summary: dict) -> str:
-    """The printed table: every run, then the paired differences of gold AUC per arm."""
+    """The printed table: every run, then per endpoint the paired differences of each arm from
+    static and of r2m from iterative-head."""
     lines = []
     head = f"{'arm':<15}{'seed':>5}{'gold AUC':>10}{'gold 0→T':>15}{'frozen RM T':>13}{'KL/tok T':>10}{'len 0→T':>13}"
     lines += [head, "-" * len(head)]
@@ -94,15 +157,13 @@ def table(summary: dict) -> str:
         lines.append(f"{m['arm']:<15}{m['seed']:>5}{m['gold_auc']:>10.3f}"
                      f"{m['gold_start']:>8.3f}→{m['gold_final']:.3f}{m['rm_reward_final']:>13.3f}"
                      f"{m['kl_final']:>10.4f}{m['length_start']:>7.1f}→{m['length_final']:.1f}")
-    lines.append("")
-    lines.append("paired difference of gold AUC on the held-out set (arm − static, same seed):")
-    for arm, metrics in summary["paired"].items():
-        s = metrics["gold_auc"]
-        if s is None:
-            continue
-        per_seed = ", ".join(_fmt(d, signed=True) for d in s["per_seed"])
-        lines.append(f"  {arm:<15} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
-                     f"SE {_fmt(s['se'])}, p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
+    for metric, title in (("gold_auc", "gold AUC (mean over the run)"),
+                          ("gold_second_half", "gold over the second half of the run")):
+        paired = [(f"{arm} − static", m[metric]) for arm, m in summary["paired"].items() if m[metric]]
+        paired += [(name, m[metric]) for name, m in summary.get("head_to_head", {}).items() if m[metric]]
+        if paired:
+            lines += ["", f"paired difference of held-out {title}, same seed:"]
+            lines += [paired_line(name, s) for name, s in paired]
     bad = {seed: [k for k, ok in c.items() if not ok] for seed, c in summary["pairing"].items()}
     bad = {seed: keys for seed, keys in bad.items() if keys}
     lines.append("pairing: " + ("every arm of a seed saw the same prompts and the same held-out samples at step 0"
@@ -162,6 +223,7 @@ def markdown(summary: dict) -> str:
              f"within-group pairs; gold {_fmt(initial['gold'])} (the judge's maximum is {_fmt(setup['gold_max'], '.1f')}); "
              f"length {_fmt(initial['length'], '.1f')} tokens.", "",
              "## Runs and paired differences", "", "```", table(summary), "```", "",
+             "## What the reward did on the training batches", "", "```", training_table(summary), "```", "",
              "## Agreement within groups (arms with a head: training batches; mean of the per-step fractions "
              "over the first and the last third of the run)", "",
              "| arm | seed | reward vs gold (first → last third) | frozen RM vs gold | reward vs length | "
@@ -176,7 +238,9 @@ def markdown(summary: dict) -> str:
                      f"{_fmt(m['train_rm_agree_length_last_third'], '.2f')} | {_fmt(m['train_head_share_run'], '.2f')} / "
                      f"{_fmt(m['train_head_share_last_third'], '.2f')} |")
     lines += ["", "Smallest detectable effect: (t_{0.975,n-1} + t_{0.8,n-1}) × SD / √n, the true mean paired "
-              "difference a two-sided paired t-test at α = 0.05 finds with power 0.8, given the observed SD.", "",
+              "difference a two-sided paired t-test at α = 0.05 finds with power 0.8, given the observed SD; "
+              "95% CI: mean ± t_{0.975,n-1} × SD / √n. Neither, nor a p-value, is given for fewer than 3 seeds or "
+              "a difference that does not vary between seeds.", "",
               "![gold and frozen-RM reward against KL](report.png)", ""]
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import UsageError
 from .settings import ExperimentArguments
 from .tasks import GOLD_MAX  # tiny_judge's maximum too
 
@@ -139,8 +140,9 @@ class RecordingJudge:
 
 def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, seed: int, arm: str, out: Path,
             progress=None) -> dict:
-    """Train one arm of one seed; returns its record (TRL's per-step log, the held-out rows, the
-    prompts it trained on, its wall time)."""
+    """Train one arm of one seed (its head learning rate: the arm's own when
+    --arm_head_learning_rates names it); returns its record (TRL's per-step log, the held-out
+    rows, the prompts it trained on, its head settings, its wall time)."""
     from datasets import Dataset
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
@@ -152,7 +154,8 @@ def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, see
 
     run_args = copy.deepcopy(args)
     run_args.output_dir, run_args.seed = str(out), seed
-    run_r2m = dataclasses.replace(r2m_config, mode=arm)
+    run_r2m = dataclasses.replace(r2m_config, mode=arm, head_learning_rate=experiment.head_learning_rate_of(
+        arm, r2m_config.head_learning_rate))
     set_seed(seed)  # the head's initialisation, like everything after it, follows the seed
     policy_dim = setup.reference.config.hidden_size
     rm = R2MRewardModel(setup.backbone, copy.deepcopy(setup.score), policy_dim, config=run_r2m)
@@ -171,12 +174,10 @@ def run_arm(setup: Setup, experiment: ExperimentArguments, r2m_config, args, see
     started = time.perf_counter()
     trainer.train()
     setup.initial_eval = evaluation.rows[0]
-    record = {"seed": seed, "arm": arm, "seconds": time.perf_counter() - started,
-              "train": [row for row in trainer.state.log_history if "step_time" in row or "reward" in row],
-              "eval": evaluation.rows, "prompts": judge.calls}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "record.json").write_text(json.dumps(record, indent=1))
-    return record
+    return {"seed": seed, "arm": arm, "head_learning_rate": run_r2m.head_learning_rate,
+            "head_attends": run_r2m.head_attends, "seconds": time.perf_counter() - started,
+            "train": [row for row in trainer.state.log_history if "step_time" in row or "reward" in row],
+            "eval": evaluation.rows, "prompts": judge.calls}
 
 
 def _progress_callback(total: int):
@@ -198,16 +199,46 @@ def _progress_callback(total: int):
 
 # the whole experiment --------------------------------------------------------------------------
 
-def settings_digest(experiment, r2m_config, args) -> str:
-    """A hash of every setting a run's numbers depend on: a record on disk is reused only
-    when it matches (so an interrupted experiment continues, and a changed one reruns)."""
-    keep = {k: v for k, v in dataclasses.asdict(experiment).items() if k not in ("arms", "seeds", "preset")}
+def digest_settings(experiment, r2m_config, args) -> dict:
+    """Every setting a run's numbers depend on: the experiment's (but which arms and seeds run,
+    and the preset, which only supplies defaults), the R2M section's (the head learning rate and
+    what the head attends to included; the mode is the arm) with each arm's own head learning
+    rate, and TRL's that shape training."""
+    keep = {k: v for k, v in dataclasses.asdict(experiment).items()
+            if k not in ("arms", "seeds", "preset", "with_static", "arm_head_learning_rates")}
+    keep["arm_head_learning_rates"] = experiment.arm_head_learning_rate_map()
     trl_keys = ("max_steps", "per_device_train_batch_size", "num_generations", "max_completion_length",
                 "temperature", "top_k", "top_p", "learning_rate", "lr_scheduler_type", "beta", "num_iterations",
                 "steps_per_generation", "loss_type", "epsilon", "epsilon_high", "normalize_advantages")
     keep.update({k: getattr(args, k, None) for k in trl_keys})
     keep.update({k: v for k, v in dataclasses.asdict(r2m_config).items() if k != "mode"})
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return json.loads(json.dumps(keep, sort_keys=True, default=str))
+
+
+def settings_digest(settings: dict) -> str:
+    """A hash of digest_settings: a record on disk is reused only when it matches."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_output_folder(out: Path, settings: dict) -> None:
+    """UsageError when `out` holds a finished run (seedN/ARM/record.json) made with other
+    settings: continuing there would mix two experiments in one report (or rerun over them).
+    Runs made with these settings are reused, so an interrupted experiment continues."""
+    digest = settings_digest(settings)
+    for saved in sorted(out.glob("seed*/*/record.json")):
+        run = saved.parent.relative_to(out)
+        try:
+            record = json.loads(saved.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"output_dir: {saved} is damaged ({type(e).__name__}); "
+                             f"move it away to rerun {run}") from None
+        theirs = record.get("settings", {}) if isinstance(record, dict) else {}
+        if not isinstance(record, dict) or record.get("digest") != digest:
+            changed = [f"{k} {theirs.get(k)!r} there, {settings.get(k)!r} now"
+                       for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)][:3]
+            raise UsageError(f"output_dir: {out} holds runs made with other settings ({run}: "
+                             f"{'; '.join(changed) or 'no settings recorded'}); give another --output_dir, or "
+                             "those runs' settings to continue them")
 
 
 def versions() -> dict:
@@ -233,10 +264,12 @@ def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
     hf_logging.disable_progress_bar()  # "Loading weights" bars at every arm; ours is the one bar
     started = time.perf_counter()
     out = Path(args.output_dir)
+    settings = digest_settings(experiment, r2m_config, args)
+    digest = settings_digest(settings)
+    check_output_folder(out, settings)  # before anything is written there
     out.mkdir(parents=True, exist_ok=True)
     arms, seeds = experiment.arm_list(), experiment.seed_list()
     setup = build_setup(experiment, args, out, log)
-    digest = settings_digest(experiment, r2m_config, args)
     bar, progress = _progress_callback(len(arms) * len(seeds) * args.max_steps)
     records = []
     try:
@@ -244,15 +277,18 @@ def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
             for arm in arms:
                 folder = out / f"seed{seed}" / arm
                 saved = folder / "record.json"
-                if saved.exists() and json.loads(saved.read_text()).get("digest") == digest:
+                if saved.exists():  # finished with these settings (check_output_folder)
                     records.append(json.loads(saved.read_text()))
                     setup.initial_eval = records[-1]["eval"][0]
                     bar.update(args.max_steps)
                     continue
                 progress.name = f"seed {seed} {arm}"
                 record = run_arm(setup, experiment, r2m_config, args, seed, arm, folder, progress)
-                record["digest"] = digest
-                saved.write_text(json.dumps(record, indent=1))
+                record.update(digest=digest, settings=settings)
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = saved.with_suffix(".json.partial")  # a record exists only once complete
+                partial.write_text(json.dumps(record, indent=1))
+                partial.replace(saved)
                 records.append(record)
                 torch.manual_seed(0)  # nothing of one run leaks into the next (set_seed reseeds anyway)
     finally:
@@ -266,5 +302,7 @@ def run_experiment(experiment, r2m_config, args, *, argv=(), log=print) -> dict:
             "rm_fit": setup.rm_fit, "gold_max": GOLD_MAX, "seconds": time.perf_counter() - started}
     summary = report.write_report(records, meta, out)
     log(report.table(summary))
+    if report.training_table(summary):
+        log("\n" + report.training_table(summary))
     log(f"report: {out}/report.md, report.json, report.csv, report.png; total {time.perf_counter() - started:.0f} s")
     return summary

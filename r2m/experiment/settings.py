@@ -3,6 +3,7 @@ beside R2MConfig and RLOOConfig), the presets, and the checks of what the paired
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..config import DEVICES, MODES, UsageError
@@ -23,7 +24,8 @@ COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_l
               gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1,
               head_learning_rate=3e-3, attn_dim=64, eval_samples=2)
 PRESET_SETTINGS = {
-    "demo": dict(COMMON, max_steps=4, output_dir="runs/experiment", seeds="0,1", eval_every=4,
+    # 8 steps: 4 head updates, enough for the head's attention to move (2 barely showed it)
+    "demo": dict(COMMON, max_steps=8, output_dir="runs/experiment", seeds="0,1", eval_every=4,
                  arms="static,r2m,iterative-head", rm_fit_prompts=16, eval_prompts=8),
     "full": dict(COMMON, max_steps=24, output_dir="runs/experiment-full", seeds="0,1,2,3,4", eval_every=6,
                  arms=DEFAULT_ARMS, rm_fit_prompts=32, eval_prompts=0),
@@ -39,8 +41,14 @@ class ExperimentArguments:
     preset: str = field(default="demo", metadata={
         "help": "demo (a few minutes on a CPU) or full (the README's experiment)", "choices": list(PRESETS)})
     arms: str = field(default=DEFAULT_ARMS, metadata={
-        "help": "comma-separated modes to compare with static (which is always run): r2m, r2m-frozen, "
-                "iterative-head, noise, bt-only, gre-only"})
+        "help": "comma-separated modes to compare with static (run too unless --with_static false): r2m, "
+                "r2m-frozen, iterative-head, noise, bt-only, gre-only"})
+    with_static: bool = field(default=True, metadata={
+        "help": "run the static arm, which every paired difference needs; false runs only --arms (a pilot "
+                "that reads the training batches' diagnostics needs no static arm)"})
+    arm_head_learning_rates: str = field(default="", metadata={
+        "help": "comma-separated ARM=RATE pairs: those arms' head learning rate instead of head_learning_rate "
+                "(e.g. iterative-head=1e-2, the baseline tuned on its own)"})
     seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each seed pairs all arms"})
     eval_every: int = field(default=4, metadata={
         "help": "evaluate on the held-out prompts every N optimizer steps (and at step 0 and the last); "
@@ -71,7 +79,32 @@ class ExperimentArguments:
                 raise UsageError(f"arms: {arm!r} is not one of {', '.join(MODES)}")
         if len(set(arms)) != len(arms):
             raise UsageError(f"arms: {self.arms!r} names an arm twice")
-        return ["static"] + [a for a in arms if a != "static"]
+        if not arms and not self.with_static:
+            raise UsageError("arms: none given, and --with_static false leaves nothing to run")
+        static = ["static"] if self.with_static or "static" in arms else []
+        return static + [a for a in arms if a != "static"]
+
+    def arm_head_learning_rate_map(self) -> dict[str, float]:
+        """{arm: head learning rate} from arm_head_learning_rates; UsageError naming a bad pair."""
+        rates = {}
+        for pair in (p.strip() for p in self.arm_head_learning_rates.split(",") if p.strip()):
+            arm, _, rate = (x.strip() for x in pair.partition("="))
+            if arm not in MODES or arm == "static":
+                raise UsageError(f"arm_head_learning_rates: {arm!r} is not an arm with a head "
+                                 f"({', '.join(m for m in MODES if m != 'static')})")
+            try:
+                value = float(rate)
+            except ValueError:
+                raise UsageError(f"arm_head_learning_rates: {pair!r} is not ARM=RATE") from None
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"arm_head_learning_rates: {arm}'s rate {rate} must be a finite number > 0")
+            if arm in rates:
+                raise UsageError(f"arm_head_learning_rates: {arm!r} is named twice")
+            rates[arm] = value
+        return rates
+
+    def head_learning_rate_of(self, arm: str, default: float) -> float:
+        return self.arm_head_learning_rate_map().get(arm, default)
 
     def seed_list(self) -> list[int]:
         try:
@@ -85,7 +118,11 @@ class ExperimentArguments:
 
 def check(experiment: ExperimentArguments, args) -> None:
     """UsageError for settings the paired design cannot run with."""
-    experiment.arm_list(), experiment.seed_list()
+    arms = experiment.arm_list()
+    experiment.seed_list()
+    for arm in experiment.arm_head_learning_rate_map():
+        if arm not in arms:
+            raise UsageError(f"arm_head_learning_rates: {arm!r} is not among the arms run ({', '.join(arms)})")
     cycle = args.num_iterations * (args.steps_per_generation or 1)
     for name in ("eval_every", "eval_samples", "rm_fit_prompts"):
         if getattr(experiment, name) < 1:

@@ -47,32 +47,41 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+MIN_SEEDS = 3  # below this, no test, interval or detectable effect is reported
+
+
 def paired_summary(differences: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> dict:
-    """Summary of per-seed paired differences (arm - static): n, mean, sample SD, standard
-    error, the two-sided t-test's p-value, and the minimum detectable effect
+    """Summary of per-seed paired differences (arm - static): n, mean, sample SD (n >= 2),
+    standard error, the two-sided t-test's p-value, the 1 - alpha confidence interval
+    (ci_low, ci_high) and the minimum detectable effect
 
         mde = (t_{1-alpha/2, n-1} + t_{power, n-1}) * SD / sqrt(n)
 
     the true mean difference that a two-sided paired t-test at level alpha detects with
-    probability `power` when the seed-to-seed SD is the one observed. With n < 2 the SD and
-    everything built on it are NaN."""
+    probability `power` when the seed-to-seed SD is the one observed.
+
+    With fewer than MIN_SEEDS differences, or none of them differing from the others (SD 0),
+    the p-value, the interval and the mde are NaN and `untested` says why: an SD from two
+    seeds is too rough to test with, and from zero spread a test or a "detectable effect of 0"
+    would claim a certainty the sample does not have. Otherwise `untested` is None."""
     values = [float(d) for d in differences]
     n = len(values)
     if n == 0:
         raise ValueError("no differences to summarise")
     mean = sum(values) / n
     nan = float("nan")
-    if n < 2:
-        return dict(n=n, mean=mean, sd=nan, se=nan, p_value=nan, mde=nan, alpha=alpha, power=power)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n >= 2 else nan
     se = sd / math.sqrt(n)
+    summary = dict(n=n, mean=mean, sd=sd, se=se, p_value=nan, ci_low=nan, ci_high=nan, mde=nan, alpha=alpha,
+                   power=power, untested=None)
+    if n < MIN_SEEDS:
+        return dict(summary, untested=f"{n} seed{'s' if n > 1 else ''}, at least {MIN_SEEDS} needed")
+    if sd == 0:
+        return dict(summary, untested=f"the difference is the same in all {n} seeds (no spread)")
     df = n - 1
-    if se > 0:
-        p_value = 2 * (1 - t_cdf(abs(mean) / se, df))
-    else:
-        p_value = 0.0 if mean != 0 else 1.0
-    mde = (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se
-    return dict(n=n, mean=mean, sd=sd, se=se, p_value=p_value, mde=mde, alpha=alpha, power=power)
+    half_width = t_quantile(1 - alpha / 2, df) * se
+    return dict(summary, p_value=2 * (1 - t_cdf(abs(mean) / se, df)), ci_low=mean - half_width,
+                ci_high=mean + half_width, mde=(t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se)
 
 
 def area_under(steps: Sequence[float], values: Sequence[float]) -> float:

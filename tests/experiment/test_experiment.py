@@ -5,6 +5,7 @@ gives the same numbers, the report's files, one-line errors."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -82,11 +83,25 @@ def test_report_files_and_table(experiment, capsys):
         assert paired["n"] == 2
     assert (out / "report.png").stat().st_size > 0
     assert len((out / "report.csv").read_text().splitlines()) == 1 + 2 * len(ARMS)
-    assert "paired difference of gold AUC" in (out / "report.md").read_text()
-    # R2M's agreement metrics come from TRL's log: the head's share is logged for r2m only
+    by = {(m["arm"], m["seed"]): m["gold_second_half"] for m in summary["runs"]}
+    head_to_head = summary["head_to_head"]["r2m − iterative-head"]["gold_second_half"]
+    assert head_to_head["per_seed"] == pytest.approx([by["r2m", s] - by["iterative-head", s] for s in (0, 1)])
+    text = (out / "report.md").read_text()
+    assert "paired difference of held-out gold AUC" in text and "r2m − iterative-head" in text
+    # two seeds: a mean and the seeds, but no p-value, interval or detectable effect
+    assert "no p-value, CI or detectable effect: 2 seeds, at least 3 needed" in text
+    assert "smallest detectable" not in text
+    assert all(math.isnan(summary["paired"][arm]["gold_auc"]["mde"]) for arm in ("r2m", "iterative-head"))
+    # R2M's metrics come from TRL's log: the head's share and where it looks for r2m only, the
+    # re-ranking against the frozen RM for both arms with a head
     r2m_run = next(m for m in summary["runs"] if m["arm"] == "r2m")
     head_run = next(m for m in summary["runs"] if m["arm"] == "iterative-head")
-    assert r2m_run["train_head_share_run"] >= 0 and head_run["train_head_share_run"] != head_run["train_head_share_run"]
+    assert r2m_run["train_head_share_run"] >= 0 and math.isnan(head_run["train_head_share_run"])
+    assert 0 < r2m_run["train_attn_completion_mass_run"] < 1 and 0 < r2m_run["train_attn_max_weight_run"] <= 1
+    assert 0 <= r2m_run["train_attn_shared_argmax_run"] <= 1 and math.isnan(head_run["train_attn_max_weight_run"])
+    assert 0 <= head_run["train_rerank_share_run"] <= 1 and 0 <= r2m_run["train_rerank_share_run"] <= 1
+    assert "on the training batches" in text and "shared focus" in text
+    assert r2m_run["head_learning_rate"] == 3e-3 and r2m_run["head_attends"] == "sequence"
 
 
 def test_same_command_same_numbers(experiment, tmp_path):
@@ -99,6 +114,65 @@ def test_same_command_same_numbers(experiment, tmp_path):
         got = json.loads((tmp_path / "again" / "seed1" / arm / "record.json").read_text())
         assert got["eval"] == want[1, arm]["eval"]
         assert metrics(got["train"]) == metrics(want[1, arm]["train"])
+
+
+def test_a_folder_of_runs_with_other_settings_is_refused(experiment, capsys):
+    """Continuing into a folder whose finished runs were made with other settings (what the head
+    attends to, its learning rate) is refused in one line, exit 2, before anything is written
+    there; the same settings continue it, reusing every finished run."""
+    out = experiment / "out"
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for extra, needle in ((["--head_attends", "completion"], "head_attends 'sequence' there, 'completion' now"),
+                          (["--head_learning_rate", "1e-3"], "head_learning_rate 0.003 there, 0.001 now"),
+                          (["--arm_head_learning_rates", "iterative-head=1e-2"], "arm_head_learning_rates {} there")):
+        assert main(command(out, experiment / "models", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("r2m experiment: error: output_dir:"), err
+        assert needle in err and "seed0/iterative-head" in err and "another --output_dir" in err, err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    assert main(command(out, experiment / "models")) == 0
+    assert "seed 0" not in capsys.readouterr().err  # no run was trained again
+    for path, stamp in files.items():
+        if path.name == "record.json":
+            assert path.stat().st_mtime_ns == stamp
+
+
+def test_digest_covers_the_head_settings():
+    from trl import RLOOConfig
+
+    from r2m import R2MConfig
+    from r2m.experiment.run import digest_settings, settings_digest
+    from r2m.experiment.settings import ExperimentArguments
+
+    args = RLOOConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
+
+    def digest(experiment=None, **r2m):
+        return settings_digest(digest_settings(experiment or ExperimentArguments(), R2MConfig(**r2m), args))
+
+    base = digest()
+    assert digest(head_attends="completion") != base and digest(head_learning_rate=1e-3) != base
+    assert digest(ExperimentArguments(arm_head_learning_rates="iterative-head=1e-2")) != base
+    assert digest(ExperimentArguments(arm_head_learning_rates=" iterative-head = 0.01 ")) == \
+        digest(ExperimentArguments(arm_head_learning_rates="iterative-head=1e-2"))
+    # which arms and seeds run, and whether static does, change no run's numbers
+    assert digest(ExperimentArguments(arms="r2m", seeds="3", with_static=False), mode="static") == base
+
+
+def test_one_arm_alone_with_its_own_head_learning_rate(experiment, tmp_path, capsys):
+    """A pilot's run: the r2m arm alone (no static arm, so no paired difference), its head
+    learning rate from --arm_head_learning_rates, the head attending to the completion only;
+    the diagnostics of the training batches printed and reported per run."""
+    out = tmp_path / "pilot"
+    argv = command(out, experiment / "models", "--arms", "r2m", "--with_static", "false", "--seeds", "0",
+                   "--arm_head_learning_rates", "r2m=1e-2", "--head_attends", "completion")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert [p.name for p in (out / "seed0").iterdir()] == ["r2m"]
+    summary = json.loads((out / "report.json").read_text())
+    (run,) = summary["runs"]
+    assert (run["arm"], run["head_learning_rate"], run["head_attends"]) == ("r2m", 1e-2, "completion")
+    assert run["train_attn_completion_mass_run"] == pytest.approx(1.0)
+    assert "paired difference" not in printed and "on the training batches" in printed
 
 
 def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
@@ -131,6 +205,12 @@ def test_evaluation_leaves_training_random_numbers_alone(tmp_path):
     (["--label_noise", "inf"], ["label_noise: inf is not a finite number"]),
     (["--brevity_bias", "nan"], ["brevity_bias: nan is not a finite number"]),
     (["--head_backend", "cuda"], ["head_backend='cuda' cannot run on cpu"]),
+    (["--head_attends", "prompt"], ["head_attends", "'prompt'"]),
+    (["--arms", "", "--with_static", "false"], ["arms: none given"]),
+    (["--arm_head_learning_rates", "r2m=abc"], ["arm_head_learning_rates: 'r2m=abc' is not ARM=RATE"]),
+    (["--arm_head_learning_rates", "r2m=-1"], ["arm_head_learning_rates: r2m's rate -1 must be"]),
+    (["--arm_head_learning_rates", "static=1e-3"], ["arm_head_learning_rates: 'static' is not an arm with a head"]),
+    (["--arm_head_learning_rates", "noise=1e-3"], ["'noise' is not among the arms run"]),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, extra, needles):
     assert main(command(tmp_path / "out", tmp_path / "models", *extra)) == 2

@@ -1,5 +1,6 @@
 """The experiment's statistics on synthetic inputs with known answers: t quantiles, the paired
-summary (mean, SD, SE, p-value, minimum detectable effect), within-group agreement, the AUC."""
+summary (mean, SD, SE, p-value, minimum detectable effect), within-group agreement, re-ranking
+against the frozen RM, the head's attention statistics, the AUC."""
 
 import math
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from r2m.experiment.stats import area_under, paired_summary, t_cdf, t_quantile
-from r2m.metrics import pairwise_agreement
+from r2m.metrics import (completion_attention_mass, max_attention_weight, pairwise_agreement, reranked_share,
+                         shared_focus)
 
 
 def t2_cdf(t):
@@ -47,6 +49,8 @@ def test_paired_summary_known_answer():
     # t = 2 / (1 / sqrt 3) with 2 degrees of freedom: p = 2 (1 - F(t)) in closed form
     assert s["p_value"] == pytest.approx(2 * (1 - t2_cdf(2 * math.sqrt(3))), abs=1e-9)
     assert s["mde"] == pytest.approx((t_quantile(0.975, 2) + t_quantile(0.8, 2)) / math.sqrt(3))
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)), abs=1e-3)
+    assert s["untested"] is None
 
 
 def test_paired_summary_scales_and_shifts():
@@ -55,10 +59,14 @@ def test_paired_summary_scales_and_shifts():
     assert scaled["sd"] == pytest.approx(10 * base["sd"]) and scaled["mde"] == pytest.approx(10 * base["mde"])
     assert scaled["p_value"] == pytest.approx(base["p_value"])
     assert paired_summary([1.0, -1.0, 1.0, -1.0])["p_value"] == pytest.approx(1.0)
-    single = paired_summary([0.5])
-    assert single["mean"] == 0.5 and math.isnan(single["sd"]) and math.isnan(single["mde"])
-    constant = paired_summary([0.25, 0.25, 0.25])
-    assert constant["sd"] == 0 and constant["p_value"] == 0.0 and constant["mde"] == 0.0
+    # too few seeds, or no spread: no p-value, interval or detectable effect, and a reason
+    untested = {"single": paired_summary([0.5]), "two": paired_summary([0.1, 0.3]),
+                "constant": paired_summary([0.25, 0.25, 0.25]), "zeros": paired_summary([0.0, 0.0])}
+    for s in untested.values():
+        assert all(math.isnan(s[k]) for k in ("p_value", "ci_low", "ci_high", "mde")) and s["untested"]
+    assert untested["single"]["mean"] == 0.5 and math.isnan(untested["single"]["sd"])
+    assert untested["two"]["sd"] == pytest.approx(math.sqrt(0.02)) and "2 seeds" in untested["two"]["untested"]
+    assert untested["constant"]["sd"] == 0 and "no spread" in untested["constant"]["untested"]
     with pytest.raises(ValueError):
         paired_summary([])
 
@@ -87,3 +95,81 @@ def test_area_under():
     assert area_under([5], [0.7]) == 0.7
     with pytest.raises(ValueError):
         area_under([0, 1], [1.0])
+
+
+def test_reranked_share():
+    reference = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 5.0, 0.0, 7.0])
+    assert reranked_share(reference * 3 + 1, reference, 4) == 0.0  # same order
+    assert reranked_share(-reference, reference, 4) == 1.0  # best and worst swapped in both groups
+    # group 1: only the middle pair swaps (its ends kept); group 2: the best moves
+    assert reranked_share(torch.tensor([1.0, 2.6, 2.5, 4.0, 6.0, 5.0, 0.0, 5.5]), reference, 4) == 0.5
+    # group 1: only the worst moves
+    assert reranked_share(torch.tensor([2.1, 2.0, 3.0, 4.0, 6.0, 5.0, 0.0, 7.0]), reference, 4) == 0.5
+    with pytest.raises(ValueError):
+        reranked_share(torch.zeros(4), torch.zeros(5), 2)
+
+
+def test_completion_attention_mass_and_max_weight():
+    weights = torch.tensor([[[0.5, 0.25, 0.25, 0.0], [0.0, 0.1, 0.2, 0.7]],
+                            [[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])  # (B=2, n_h=2, S=4)
+    completion = torch.tensor([[False, False, True, True], [False, True, True, False]])
+    torch.testing.assert_close(completion_attention_mass(weights, completion),
+                               torch.tensor([[0.25, 0.9], [0.0, 0.5]]))
+    torch.testing.assert_close(max_attention_weight(weights), torch.tensor([[0.5, 0.7], [1.0, 0.25]]))
+
+
+def focus_weights(positions, heads=1, seq_len=6):
+    """(B, heads, S) weights of 0.6 on each row's given position(s), the rest spread evenly."""
+    weights = torch.full((len(positions), heads, seq_len), 0.4 / (seq_len - 1))
+    for b, per_head in enumerate(positions):
+        for j, t in enumerate(per_head if isinstance(per_head, tuple) else (per_head,) * heads):
+            weights[b, j, t] = 0.6
+    return weights
+
+
+def test_shared_focus_on_hand_built_groups():
+    """Two groups of 3 rows over 6 positions: positions 0-1 a prompt every row of a group
+    shares, 2-5 completions, distinct except where a test makes them shared."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 6, 5, generator=gen, dtype=torch.float64)
+    hidden[1:3, :2] = hidden[0, :2]  # group 1's prompt
+    hidden[4:6, :2] = hidden[3, :2]  # group 2's prompt
+    mask = torch.ones(6, 6, dtype=torch.bool)
+
+    def shared(positions, heads=1, h=hidden, m=mask, **kw):
+        return shared_focus(focus_weights(positions, heads), h, m, 3, **kw).tolist()
+
+    assert shared([0, 1, 0, 1, 1, 1]) == [True, True]  # every row on a prompt position
+    assert shared([0, 1, 3, 1, 1, 1]) == [False, True]  # one row on its own completion
+    assert shared([(0, 1), (1, 1), (0, 0), (4, 0), (0, 0), (0, 0)], heads=2) == [True, False]  # one head of one row
+    # a completion prefix the whole group shares, at different columns in each row
+    with_prefix = hidden.clone()
+    with_prefix[4, 3], with_prefix[5, 5] = with_prefix[3, 2], with_prefix[3, 2]
+    assert shared([0, 0, 0, 2, 3, 5], h=with_prefix) == [True, True]
+    # ...unless one row holds it only at a masked position
+    masked = mask.clone()
+    masked[5, 5] = False
+    assert shared([0, 0, 0, 2, 3, 2], h=with_prefix, m=masked) == [True, False]
+    # equality to a relative tolerance in the Euclidean norm
+    near = with_prefix.clone()
+    near[5, 5] = near[3, 2] * (1 + 0.5e-2)
+    assert shared([0, 0, 0, 2, 3, 5], h=near) == [True, True]
+    assert shared([0, 0, 0, 2, 3, 5], h=near, rtol=1e-3) == [True, False]
+    with pytest.raises(ValueError):
+        shared_focus(torch.ones(4, 1, 6) / 6, hidden[:4], mask[:4], 3)
+
+
+def test_run_metrics_gold_endpoints():
+    """A run's held-out gold over the whole run and over its second half (steps >= T/2), and the
+    training metrics' thirds over the scorings that logged them."""
+    from r2m.experiment.report import run_metrics
+
+    rows = [dict(step=t, gold=g, rm_reward=0.0, kl=0.0, length=3.0, agree_gold=0.5, rm_agree_gold=0.5,
+                 agree_length=0.5, rm_agree_length=0.5) for t, g in ((0, 0.3), (4, 0.2), (8, 0.1), (12, 0.4))]
+    train = [{"step": 1, "r2m/head_share": 0.0}, {"step": 2}, {"step": 3, "r2m/head_share": 0.3},
+             {"step": 4, "r2m/head_share": 0.6}]
+    m = run_metrics({"arm": "r2m", "seed": 0, "seconds": 1.0, "eval": rows, "train": train})
+    assert m["gold_auc"] == pytest.approx((2 * 0.25 + 2 * 0.15 + 2 * 0.25) / 6)
+    assert m["gold_second_half"] == pytest.approx((0.1 + 0.4) / 2)  # the evaluations at 8 and 12
+    assert (m["train_head_share_first_third"], m["train_head_share_last_third"]) == (0.0, 0.6)
+    assert m["train_head_share_run"] == pytest.approx(0.3)

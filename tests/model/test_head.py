@@ -9,7 +9,7 @@ import r2m_kernels
 from r2m import R2MHead, omega
 from tests.support.backends import DEVICE
 from tests.support.inputs import MASK_KINDS, make_mask, pack
-from tests.support.loops import r2m_head_loop
+from tests.support.loops import attention_weights_loop, r2m_head_loop
 from tests.support.pool_checks import make_inputs
 
 FOLDED = [b for b in ("torch", "triton", "cuda") if b in r2m_kernels.available_backends("attention_pool", "cpu")]
@@ -291,3 +291,48 @@ def test_gpu_torch_compile_inductor():
     rewards_ref.sum().backward()
     for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("heads, seq_len", [(1, 1), (1, 9), (3, 7)])
+def test_attention_weights_match_the_float64_loop(backend, mask_kind, heads, seq_len):
+    """R2MHead.attention_weights against the paper's weights computed position by position
+    with K materialised: equal at the valid positions, 0 at the others, summing to 1 over each
+    row's valid positions; non-contiguous inputs; packed input gives each row's valid
+    positions from its start."""
+    gen = torch.Generator().manual_seed(seq_len * 10 + heads)
+    head = make_head(heads=heads, backend=backend)
+    rte = torch.randn(11, 5, dtype=torch.float64, generator=gen).T  # (5, 11), non-contiguous
+    hidden = torch.randn(5, 13, seq_len, dtype=torch.float64, generator=gen).transpose(1, 2)
+    mask = make_mask(5, seq_len, mask_kind, generator=gen)
+    got = head.attention_weights(rte, hidden, mask=mask)
+    want = attention_weights_loop(loop_params(head), rte, hidden, heads, mask)
+    assert got.shape == (5, heads, seq_len) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    valid = torch.ones(5, seq_len, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(got.sum(-1), torch.ones(5, heads, dtype=torch.float64))
+    assert (got.masked_fill(valid[:, None, :], 0) == 0).all()
+    if mask is not None:
+        packed, cu = pack(hidden, mask)
+        from_packed = head.attention_weights(rte, packed, cu_seqlens=cu)
+        for b in range(5):
+            n = int(valid[b].sum())
+            torch.testing.assert_close(from_packed[b, :, :n], got[b][:, valid[b]], rtol=1e-12, atol=1e-14)
+            assert (from_packed[b, :, n:] == 0).all()
+
+
+def test_attention_weights_of_a_16_bit_input_and_bad_input():
+    """fp32 parameters and bf16 hidden: fp32 weights near the float64 ones of the same rounded
+    input; a padded position holding NaN gets weight 0; an all-masked row is an error."""
+    head = make_head(dtype=torch.float32)
+    rte = torch.randn(3, 11)
+    hidden = torch.randn(3, 6, 13).to(torch.bfloat16)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    hidden[0, 0] = float("nan")
+    got = head.attention_weights(rte, hidden, mask=mask)
+    want = attention_weights_loop(loop_params(head), rte, hidden.double().nan_to_num(), 1, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mask"):
+        head.attention_weights(rte, hidden, mask=mask * torch.tensor([[1], [1], [0]]))

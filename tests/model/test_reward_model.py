@@ -298,6 +298,16 @@ def test_score_lays_out_pairs_as_trl_lays_out_a_generated_batch(tok):
     seen.clear()
     torch.testing.assert_close(static.score(policy, tok, prompts, completions), static.static_reward(rte))
     assert not seen
+    # head_attends="completion": the head reads the completion's columns only (the prompts end at column P)
+    completion_only = R2MRewardModel(backbone, score, 16, tokenizer=tok,
+                                     config=R2MConfig(attn_dim=8, head_attends="completion"))
+    completion_only.head.load_state_dict(rm.head.state_dict())
+    width = max(len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+                for p in prompts)
+    only = mask.clone()
+    only[:, :width] = 0
+    torch.testing.assert_close(completion_only.score(policy, tok, prompts, completions, omega=0.5, ended=[True, False]),
+                               rm(rte, hidden, mask=only, omega=0.5))
 
 
 def test_generated_layout_is_trls():
@@ -306,7 +316,8 @@ def test_generated_layout_is_trls():
     from r2m.tokens import generated_layout
 
     prompts, completions = [[5, 6], [7, 8, 9]], [[10, 2], [11, 12, 13, 14]]
-    ids, mask = generated_layout(prompts, completions, 0, pad_to_multiple_of=4, masked_completions=[False, True])
+    ids, mask, start = generated_layout(prompts, completions, 0, pad_to_multiple_of=4, masked_completions=[False, True])
+    assert start == 4
     assert ids.tolist() == [[0, 0, 5, 6, 10, 2, 0, 0], [0, 7, 8, 9, 11, 12, 13, 14]]
     assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]]
     trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -314,7 +325,26 @@ def test_generated_layout_is_trls():
     def padded(rows, value, side):
         return trl_utils.pad([torch.tensor(r) for r in rows], padding_value=value, padding_side=side)
 
-    ids, mask = generated_layout(prompts, completions, 0)
+    ids, mask, start = generated_layout(prompts, completions, 0)
+    assert start == 3
     assert torch.equal(ids, torch.cat([padded(prompts, 0, "left"), padded(completions, 0, "right")], 1))
     ones = [[1] * len(r) for r in prompts], [[1] * len(r) for r in completions]
     assert torch.equal(mask, torch.cat([padded(ones[0], 0, "left"), padded(ones[1], 0, "right")], 1))
+
+
+@pytest.mark.parametrize("head_attends", ["sequence", "completion"])
+def test_head_mask_keeps_the_completion_only_when_asked(head_attends):
+    """HeadUpdate.head_mask on TRL's layout (prompt left-padded in columns 0-2, completion right-
+    padded from column 3): the mask itself for "sequence"; the completion's valid positions for
+    "completion", except in a row whose completion is masked out (a truncated one), which keeps
+    its whole mask; the dtype is kept."""
+    from r2m import R2MConfig
+    from r2m.head_update import HeadUpdate
+
+    rm = R2MRewardModel(torch.nn.Identity(), torch.nn.Linear(6, 1), 5, config=R2MConfig(attn_dim=4))
+    update = HeadUpdate(rm, R2MConfig(head_attends=head_attends))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])
+    got = update.head_mask(mask, 3)
+    want = mask if head_attends == "sequence" else torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0],
+                                                                 [0, 1, 1, 0, 0, 0]])
+    assert torch.equal(got, want) and got.dtype == mask.dtype

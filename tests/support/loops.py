@@ -60,6 +60,27 @@ def r2m_head_loop(params, rte, hidden, num_heads, omega, mask=None):
     return torch.stack(rewards)
 
 
+def attention_weights_loop(params, rte, hidden, num_heads, mask=None):
+    """The paper's attention weights a_t = softmax_t(q_j . k_t / sqrt(d_h)) per sequence, per
+    head, per position, in float64, from W_q and W_k as written (keys materialised). params as
+    r2m_head_loop's. Returns (B, n_h, S), 0 at masked positions."""
+    W_q, W_k = params["W_q"].double(), params["W_k"].double()
+    rte, hidden = rte.double(), hidden.double()
+    d_h = W_q.shape[1] // num_heads
+    out = torch.zeros(rte.shape[0], num_heads, hidden.shape[1], dtype=torch.float64)
+    for b in range(rte.shape[0]):
+        ts = valid_positions(hidden.shape[1], None if mask is None else mask[b])
+        q = rte[b] @ W_q
+        for j in range(num_heads):
+            cols = slice(j * d_h, (j + 1) * d_h)
+            scores = [torch.dot(q[cols], hidden[b, t] @ W_k[:, cols]).item() / math.sqrt(d_h) for t in ts]
+            top = max(scores)
+            e = [math.exp(x - top) for x in scores]
+            for t, x in zip(ts, e):
+                out[b, j, t] = x / sum(e)
+    return out
+
+
 def grebt_loop(rewards, groups, alpha, eps=1e-6):
     """Per-group GREBT losses (list of float64 scalars) for rewards (B,) and groups, a list of
     (start, end) index pairs. Differentiable through autograd except for the pair selection."""

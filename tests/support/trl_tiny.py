@@ -42,7 +42,8 @@ def trl_config(kind: str, output_dir, **overrides):
     return (GRPOConfig if kind == "grpo" else RLOOConfig)(**settings)
 
 
-def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=True, eval_prompts=0, **overrides):
+def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=True, eval_prompts=0,
+                 head_attends="sequence", **overrides):
     """An R2M trainer on the tiny models (the first `eval_prompts` prompts also as an evaluation
     set); returns (trainer, its R2MRewardModel)."""
     from datasets import Dataset
@@ -56,7 +57,7 @@ def make_trainer(models: Path, kind: str, output_dir, mode: str = "r2m", judge=T
     policy = AutoModelForCausalLM.from_pretrained(models / "policy")
     rm_model = AutoModelForSequenceClassification.from_pretrained(models / "rm", num_labels=1)
     torch.manual_seed(1)
-    r2m_config = R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2)
+    r2m_config = R2MConfig(mode=mode, attn_dim=16, num_heads=2, head_learning_rate=1e-2, head_attends=head_attends)
     rm = R2MRewardModel.from_sequence_classifier(rm_model, POLICY_DIM, config=r2m_config)
     prompts = (models / "prompts.txt").read_text().split()
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})

@@ -3,7 +3,8 @@ on the CPU (gloo).
 
 `trainer`: 2 GRPO steps of R2MGRPOTrainer, 6 completions per rank, groups of K = 4, so the
 second group straddles the ranks. Each rank saves, per head update, its inputs, the head before
-the step and the all-reduced gradients, and its final head, to OUT/rank{r}.pt.
+the step and the all-reduced gradients, the column where each batch's completions start, its
+final head and TRL's log history, to OUT/rank{r}.pt.
 `cli`: `r2m train` with ARGS; each rank writes its exit status and whether a process group is
 still initialised when the command has returned to OUT/cli_rank{r}.json.
 
@@ -47,9 +48,12 @@ def main(models: Path, out: Path) -> None:
         return calculate_rewards(inputs, prompt_list, completions, completion_ids)
 
     trainer._calculate_rewards = record_prompts
+    starts, head_mask = [], head_update.head_mask
+    head_update.head_mask = lambda mask, start: (starts.append(start), head_mask(mask, start))[1]
     trainer.train()
     torch.save({"world_size": trainer.accelerator.num_processes, "updates": updates, "prompts": prompts,
-                "head": snapshot(rm.head)}, out / f"rank{rank}.pt")
+                "completion_starts": starts, "head": snapshot(rm.head), "log": trainer.state.log_history},
+               out / f"rank{rank}.pt")
     trainer.accelerator.end_training()  # as `r2m train` does: no process group left to the interpreter's exit
 
 

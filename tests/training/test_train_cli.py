@@ -64,6 +64,8 @@ def test_same_seed_same_metrics_and_resume(models, tmp_path, capsys):
     fails_with(first + ["--resume", "true", "--mode", "static"], capsys, "resume:", "mode 'r2m'", "'static'")
     fails_with(first + ["--resume", "true", "--max_steps", "5"], capsys, "resume:", "max_steps=3", "max_steps=5")
     fails_with(first + ["--resume", "true", "--num_heads", "2"], capsys, "resume:", "num_heads=1", "num_heads=2")
+    fails_with(first + ["--resume", "true", "--head_attends", "completion"], capsys, "resume:",
+               "head_attends='sequence'", "head_attends='completion'")
     fails_with(command(models, tmp_path / "empty", "--resume", "true"), capsys, "resume: no checkpoint")
 
 

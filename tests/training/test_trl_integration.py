@@ -245,8 +245,8 @@ class FilesOnSave(TrainerCallback):
 
 def test_resume_continues_exactly(models, tmp_path):
     """A run stopped after its checkpoint at step 2 and resumed from it logs the metrics of the
-    uninterrupted run at steps 3 and 4 and ends with the same head; resuming in another mode or
-    with another schedule length is refused."""
+    uninterrupted run at steps 3 and 4 and ends with the same head; resuming in another mode,
+    with the head attending to something else or with another schedule length is refused."""
     settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
     straight, straight_rm = make_trainer(models, "grpo", tmp_path / "a", **settings)
     straight.train()
@@ -274,6 +274,9 @@ def test_resume_continues_exactly(models, tmp_path):
     longer, _ = make_trainer(models, "grpo", tmp_path / "d", **dict(settings, max_steps=6))
     with pytest.raises(ValueError, match="max_steps=4 .* max_steps=6"):
         longer.train(resume_from_checkpoint=str(checkpoint))
+    completion_only, _ = make_trainer(models, "grpo", tmp_path / "e", head_attends="completion", **settings)
+    with pytest.raises(ValueError, match="head_attends='sequence'; this run has head_attends='completion'"):
+        completion_only.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_the_pi_old_pass_is_the_first_policy_forward_after_generation(models, tmp_path):
@@ -286,7 +289,7 @@ def test_the_pi_old_pass_is_the_first_policy_forward_after_generation(models, tm
 
     trainer, _ = make_trainer(models, "grpo", tmp_path)
     ids = torch.ones(2, 3, dtype=torch.long)
-    seen = _PolicyForward(ids, torch.ones_like(ids), torch.zeros(2, 3, POLICY_DIM))
+    seen = _PolicyForward(ids, torch.ones_like(ids), 2, torch.zeros(2, 3, POLICY_DIM))
     generation = _Generation([[5, 6], [7]], [[8], [9, 10]], [seen])
     assert trainer._r2m_policy_states(generation) is seen and trainer._r2m_extra_forwards == 0
     trainer.args.beta, trainer.ref_model = 0.1, None
@@ -405,7 +408,7 @@ def test_a_head_backend_that_cannot_run_fails_in_the_constructor(models, tmp_pat
     (dict(head_learning_rate=0.0), "head_learning_rate"), (dict(head_learning_rate=float("inf")), "head_learning_rate"),
     (dict(omega_floor=float("nan")), "omega_floor"), (dict(omega_floor=1.5), "omega_floor"),
     (dict(grebt_alpha=-0.1), "grebt_alpha"), (dict(head_backend="fast"), "head_backend"),
-    (dict(attn_dim=10, num_heads=3), "attn_dim"),
+    (dict(attn_dim=10, num_heads=3), "attn_dim"), (dict(head_attends="prompt"), "head_attends"),
 ])
 def test_r2m_config_names_the_bad_field(values, field_name):
     with pytest.raises(ValueError, match=f"^{field_name}"):
@@ -438,6 +441,7 @@ def test_iterative_head_trains_only_the_score_head(models, tmp_path):
     logged = metrics(trainer.state.log_history)
     assert all(s["hidden"] is None for s in recorder.scorings) and all(u["hidden"] is None for u in recorder.updates)
     assert all(row["r2m/extra_forwards"] == 0.0 and "r2m/head_share" not in row for row in logged)
+    assert all(not any(key.startswith("r2m/attn_") for key in row) and "r2m/rerank_share" in row for row in logged)
     head = rm.head.state_dict()
     for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"):
         assert torch.equal(head[name], recorder.head0[name]), name
@@ -554,3 +558,61 @@ def test_save_model_then_reload_and_score_as_the_trainer_scored(models, tmp_path
     prompts, completions = [batch["prompts"][i] for i in rows], [batch["completions"][i] for i in rows]
     rm_reward = loaded.static_reward(loaded.reward_token_embeddings(*loaded.rm_inputs(prompts, completions)))
     assert (rewards - rm_reward).abs().max() > 1e-4  # the head's term counts
+
+
+@pytest.mark.parametrize("head_attends", ["sequence", "completion"])
+def test_head_attends_and_attention_diagnostics(models, tmp_path, head_attends):
+    """head_attends is a mask: with "completion" the trainer zeroes the prompt's columns of the
+    mask it gives the head, at scoring and in the head update, so the R2M reward does not move
+    when the prompt's hidden states do; with "sequence" it does. The attention diagnostics and
+    the re-ranking share logged are those of the scored batch."""
+    from r2m.head_update import HeadUpdate
+    from r2m.metrics import completion_attention_mass, max_attention_weight, reranked_share, shared_focus
+    from r2m.tokens import completion_positions
+
+    trainer, rm = make_trainer(models, "rloo", tmp_path / "out", head_attends=head_attends)
+    generated, masks = [], []
+    keep_generated, head_mask = trainer._r2m_generated, trainer.head_update.head_mask
+    trainer._r2m_generated = lambda p, c: (generated.append((p, c)), keep_generated(p, c))[1]
+    trainer.head_update.head_mask = lambda mask, start: (masks.append((mask, start)), head_mask(mask, start))[1]
+    recorder = Recorder(trainer)
+    head0 = snapshot(rm.head)
+    trainer.train()
+    assert len(masks) == len(generated) == len(recorder.scorings) == 3
+    for (prompt_ids, completion_ids), (full, start), scoring, update in zip(generated, masks, recorder.scorings,
+                                                                            recorder.updates):
+        assert start == max(len(p) for p in prompt_ids)  # TRL's layout: left-padded prompts, then completions
+        assert all(row[start:start + len(c)].tolist() == c for row, c in zip(scoring["ids"], completion_ids))
+        completion = completion_positions(full, start)
+        assert completion.any(-1).all() and full[:, :start].any()
+        want = completion.to(full.dtype) if head_attends == "completion" else full
+        assert torch.equal(scoring["mask"], want) and torch.equal(update["mask"], want)
+
+    # the reward against the prompt's hidden states, with the head as trained, at omega < 1
+    last = recorder.scorings[-1]
+    start = masks[-1][1]
+    moved = last["hidden"].clone()
+    moved[:, :start] = torch.randn_like(moved[:, :start]) * 3
+    rewards = [HeadUpdate.rewards(trainer.head_update, last["rte"], h, last["mask"], 0.6)
+               for h in (last["hidden"], moved)]
+    if head_attends == "completion":
+        torch.testing.assert_close(rewards[0], rewards[1], rtol=1e-6, atol=1e-6)
+    else:
+        assert (rewards[0] - rewards[1]).abs().max() > 1e-3
+
+    logged = metrics(trainer.state.log_history)
+    first = recorder.scorings[0]  # scored with the initial head, 2 groups of 4: all of them sampled
+    rm.head.load_state_dict(head0)
+    weights = rm.head.attention_weights(first["rte"], first["hidden"], mask=first["mask"])
+    mass = completion_attention_mass(weights, completion_positions(first["mask"], masks[0][1])).mean().item()
+    assert logged[0]["r2m/attn_completion_mass"] == pytest.approx(mass, rel=1e-6)
+    assert logged[0]["r2m/attn_max_weight"] == pytest.approx(max_attention_weight(weights).mean().item(), rel=1e-6)
+    shared = shared_focus(weights, first["hidden"], first["mask"], 4).double().mean().item()
+    assert logged[0]["r2m/attn_shared_argmax"] == pytest.approx(shared)
+    if head_attends == "completion":
+        assert all(row["r2m/attn_completion_mass"] == pytest.approx(1.0) for row in logged)
+    else:
+        assert all(0 < row["r2m/attn_completion_mass"] < 1 for row in logged)
+    assert logged[0]["r2m/rerank_share"] == 0.0  # omega = 1: the frozen RM's reward
+    assert [row["r2m/rerank_share"] for row in logged] == [
+        reranked_share(s["rewards"], s["rm_rewards"], 4) for s in recorder.scorings]

@@ -1,6 +1,7 @@
 """Two processes on the CPU (torchrun, gloo) running R2MGRPOTrainer: a group of K completions
 straddles the ranks; the all-reduced head gradient equals the single-process gradient of the
-whole batch's GREBT loss, and both ranks end with bitwise equal heads. `r2m train` on two
+whole batch's GREBT loss, and both ranks end with bitwise equal heads; the attention diagnostics
+are computed on the groups whole on each rank and averaged over both. `r2m train` on two
 processes exits 0 with its process group destroyed."""
 
 import json
@@ -16,6 +17,8 @@ import torch
 pytest.importorskip("trl")
 
 from r2m import GREBTLoss, R2MHead  # noqa: E402
+from r2m.metrics import completion_attention_mass, max_attention_weight, shared_focus  # noqa: E402
+from r2m.tokens import completion_positions  # noqa: E402
 
 from tests.support.trl_tiny import POLICY_DIM, RM_DIM, save_tiny_models  # noqa: E402
 
@@ -81,6 +84,25 @@ def test_two_ranks_match_one_process(tmp_path):
     assert last["omega"] < 1 and all(g.abs().max() > 0 for name, g in last["grads"].items() if name != "score.bias")
     for name, value in ranks[0]["head"].items():
         assert torch.equal(value, ranks[1]["head"][name]), name
+
+    # the first step's attention diagnostics: rank 0's whole group is its rows 0-3, rank 1's its
+    # rows 2-5 (the third group); the scoring's hidden states equal the update's (one iteration,
+    # no optimizer step between them) up to rounding
+    weights, masses, tops, shared = [], [], [], []
+    for rank, rows in zip(ranks, (slice(0, 4), slice(2, 6))):
+        update, start = rank["updates"][0], rank["completion_starts"][0]
+        head = R2MHead(RM_DIM, POLICY_DIM, attn_dim=16, num_heads=2)
+        head.load_state_dict(update["head_before"])
+        hidden, mask = update["hidden"][rows], update["mask"][rows]
+        w = head.attention_weights(update["rte"][rows], hidden, mask=mask)
+        masses.append(completion_attention_mass(w, completion_positions(mask, start)))
+        tops.append(max_attention_weight(w))
+        shared.append(shared_focus(w, hidden, mask, 4))
+    logged, logged1 = ([row for row in rank["log"] if "r2m/attn_max_weight" in row][0] for rank in ranks)
+    assert all(logged[k] == logged1[k] for k in logged if k.startswith("r2m/attn_"))
+    assert logged["r2m/attn_completion_mass"] == pytest.approx(torch.cat(masses).mean().item(), abs=1e-5)
+    assert logged["r2m/attn_max_weight"] == pytest.approx(torch.cat(tops).mean().item(), abs=1e-5)
+    assert logged["r2m/attn_shared_argmax"] == torch.cat(shared).double().mean().item()
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""The R2M state in TRL's checkpoints: the head (R2MRewardModel.save_head: its config and
-weights, the files save_pretrained writes too) and a state file (mode, schedule length,
-extra-forward count, the head optimizer's state) beside TRL's own files in checkpoint-N, so that
-a resumed run continues exactly."""
+"""The R2M state in TRL's checkpoints: the head (R2MRewardModel.save_head: its config, what it
+attends to included, and its weights, the files save_pretrained writes too) and a state file
+(mode, schedule length, extra-forward count, the head optimizer's state) beside TRL's own files
+in checkpoint-N, so that a resumed run continues exactly."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ def read_checkpoint_state(folder) -> dict:
 def check_resumable(state: dict, folder, mode: str, max_steps: int, config=None) -> None:
     """ValueError when the checkpoint was written in another mode, for another schedule length
     (omega depends on max_steps, so a different one would change every reward after the resume)
-    or, given this run's R2MConfig `config`, for a head with other settings (the backend aside:
-    a run may resume on another device)."""
+    or, given this run's R2MConfig `config`, for a head with other settings or attending to
+    something else (the backend aside: a run may resume on another device)."""
     if config is not None:
         saved = read_head_config(folder)["config"]
-        for name in HEAD_FIELDS:
+        for name in (*HEAD_FIELDS, "head_attends"):
             if name != "head_backend" and getattr(saved, name) != getattr(config, name):
                 raise ValueError(f"{folder} holds a head with {name}={getattr(saved, name)!r}; this run has "
                                  f"{name}={getattr(config, name)!r}")

@@ -26,9 +26,11 @@ from ...capture import HiddenStateCapture, policy_backbone
 from ...config import R2MConfig
 from ...head import check_head_backend
 from ...head_update import HeadUpdate, NonFiniteError, broadcast_parameters
-from ...metrics import pairwise_agreement
+from ...metrics import (completion_attention_mass, max_attention_weight, pairwise_agreement, reranked_share,
+                        shared_focus)
 from ...reward_model import R2MRewardModel
 from ...schedule import omega as omega_schedule
+from ...tokens import completion_positions
 from . import trl_internals
 from .checkpoints import SaveR2MState, load_r2m_state
 
@@ -75,6 +77,11 @@ def checked_save_steps(args, max_steps: int, *, given: bool) -> tuple[float, str
     raise SaveStepsError(f"save_steps ({asked}) must be {multiple}, so that a resumed run continues exactly; "
                          f"the nearest valid: {nearest}")
 
+# The head's attention diagnostics (r2m/attn_*) are computed at each training scoring on at most
+# this many groups per process (the first ones whole on it), with the torch path: a sample
+# that costs about one more head forward on those rows.
+ATTENTION_DIAGNOSTIC_GROUPS = 8
+
 
 class R2MReward:
     """The reward TRL sees: hands back the R2M rewards the trainer computed for this batch."""
@@ -94,10 +101,11 @@ class R2MReward:
 
 @dataclass(frozen=True)
 class _PolicyForward:
-    """One forward of the policy: its inputs (B, P+C) as TRL laid them out, its last-layer
-    hidden states (B, P+C, D_p), detached."""
+    """One forward of the policy: its inputs (B, P+C) as TRL laid them out, the column P where
+    the completions start, its last-layer hidden states (B, P+C, D_p), detached."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    completion_start: int
     hidden: torch.Tensor
 
 
@@ -114,10 +122,13 @@ class _Generation:
 @dataclass(frozen=True)
 class _ScoredBatch:
     """A training batch from its scoring to its head update: the RM's reward-token embeddings,
-    the policy's hidden states (None when the mode reads none), their mask, omega."""
+    the policy's hidden states (None when the mode reads none), the mask the head attends with
+    (HeadUpdate.head_mask: the prompt's columns zeroed when it attends to the completion only),
+    the column where the completions start, omega."""
     rte: torch.Tensor
     hidden: torch.Tensor | None
     attention_mask: torch.Tensor
+    completion_start: int
     omega: float
 
 
@@ -186,7 +197,7 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
     def _r2m_generated(self, prompt_ids, completion_ids) -> None:
         self._r2m_generation = _Generation(prompt_ids, completion_ids, [])
 
-    def _r2m_policy_forward(self, of_policy: bool, model, input_ids, attention_mask, forward):
+    def _r2m_policy_forward(self, of_policy: bool, model, input_ids, attention_mask, completion_start: int, forward):
         """Run TRL's forward `forward()`; keep the hidden states of the first policy forward
         after a generation (the pi_old pass, when TRL makes one) or of a training forward whose
         rows `_compute_loss` marked for the head update."""
@@ -200,7 +211,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         with HiddenStateCapture(policy_backbone(model)) as capture:
             out = forward()
         if observed:
-            generation.policy_forwards.append(_PolicyForward(input_ids, attention_mask, capture.hidden))
+            generation.policy_forwards.append(_PolicyForward(input_ids, attention_mask, completion_start,
+                                                             capture.hidden))
         else:
             hidden = self._r2m_batch.hidden
             hidden[rows] = capture.hidden.to(hidden.dtype)
@@ -214,12 +226,12 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         forwards = generation.policy_forwards
         if len(forwards) > trl_internals.reference_pass_runs_the_policy(self):
             return forwards[0]
-        input_ids, attention_mask = trl_internals.generated_batch(self, generation.prompt_ids,
-                                                                  generation.completion_ids)
+        input_ids, attention_mask, completion_start = trl_internals.generated_batch(self, generation.prompt_ids,
+                                                                                    generation.completion_ids)
         with HiddenStateCapture(policy_backbone(self.model)) as capture:
             trl_internals.policy_forward(self, input_ids, attention_mask)
         self._r2m_extra_forwards += 1
-        return _PolicyForward(input_ids, attention_mask, capture.hidden)
+        return _PolicyForward(input_ids, attention_mask, completion_start, capture.hidden)
 
     def _r2m_rows_to_recapture(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The training forward's rows (ids into the scored batch) whose hidden states refresh
@@ -273,16 +285,18 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if self.r2m_config.reads_hidden_states:
             forward = self._r2m_policy_states(generation)
             input_ids, attention_mask, hidden = forward.input_ids, forward.attention_mask, forward.hidden
+            completion_start = forward.completion_start
         else:  # no policy forward is needed; the RM may reuse the policy's tokens
-            input_ids, attention_mask = trl_internals.generated_batch(self, generation.prompt_ids,
-                                                                      generation.completion_ids)
+            input_ids, attention_mask, completion_start = trl_internals.generated_batch(
+                self, generation.prompt_ids, generation.completion_ids)
             hidden = None
         # the RM reads what TRL would feed it as a reward model, without autocast as TRL runs it
         rm_ids, rm_mask = self.reward_model.rm_inputs(prompts, completions, input_ids=input_ids,
                                                       attention_mask=attention_mask,
                                                       chat_template_kwargs=trl_internals.chat_template_kwargs(self))
         rte = self.reward_model.reward_token_embeddings(rm_ids, rm_mask)
-        batch = _ScoredBatch(rte, hidden, attention_mask, self._r2m_omega())
+        batch = _ScoredBatch(rte, hidden, self.head_update.head_mask(attention_mask, completion_start),
+                             completion_start, self._r2m_omega())
         rewards = self.head_update.rewards(batch.rte, batch.hidden, batch.attention_mask, batch.omega)
         # Counted over every process, so that all of them stop together.
         non_finite = self.accelerator.gather((~torch.isfinite(rewards)).sum().reshape(1)).sum().item()
@@ -304,6 +318,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         if self.model.training:
             lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=device)
             self._r2m_log_agreement(batch, rewards, rm_rewards, gold, lengths)
+            if self.r2m_config.reads_hidden_states:
+                self._r2m_log_attention(batch)
             self._r2m_batch = batch
 
     def _r2m_log_agreement(self, batch: _ScoredBatch, rewards, rm_rewards, gold, lengths) -> None:
@@ -311,7 +327,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
         gold reward (when there is a judge) and with the completion length, over the whole
         gathered batch; and, when the reward reads hidden states, the head's share of the
         within-group reward spread, sd(head term) / (sd(head term) + sd(RM term)) averaged
-        over groups (docs/design.md §1.2 for the two terms)."""
+        over groups (docs/design.md §1.2 for the two terms); when the reward has a head, the
+        share of groups whose best or worst completion it puts elsewhere than the frozen RM does."""
         gather, k = self.accelerator.gather, self.args.num_generations
         columns = {"r2m/agree_length": (rewards, lengths), "r2m/rm_agree_length": (rm_rewards, lengths)}
         if gold is not None:
@@ -320,6 +337,8 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             fraction, pairs = pairwise_agreement(gather(scores.float()), gather(truth.float()), k)
             if pairs:
                 self._r2m_log_batch(name, fraction)
+        if self.r2m_config.uses_head:
+            self._r2m_log_batch("r2m/rerank_share", reranked_share(gather(rewards), gather(rm_rewards), k))
         if self.r2m_config.reads_hidden_states:
             head, rm = (gather(t) for t in self.head_update.reward_terms(batch.rte, batch.hidden,
                                                                          batch.attention_mask, batch.omega))
@@ -327,6 +346,34 @@ class R2MTrainerMixin(trl_internals.TRLOverrides):
             total = spread_head + spread_rm
             if bool((total > 0).any()):
                 self._r2m_log_batch("r2m/head_share", (spread_head / total)[total > 0].mean().item())
+
+    def _r2m_log_attention(self, batch: _ScoredBatch) -> None:
+        """Where the head looks, at this scoring (its weights before this batch's update), on
+        the first ATTENTION_DIAGNOSTIC_GROUPS groups whose rows are all on this process:
+        r2m/attn_completion_mass (the attention weight on completion positions) and
+        r2m/attn_max_weight (the largest weight), each averaged over rows and heads;
+        r2m/attn_shared_argmax, the share of groups where every row's most-attended position
+        holds a hidden state the whole group shares (r2m.metrics.shared_focus). Each is a
+        mean over every process's sample."""
+        k, rows = self.args.num_generations, batch.rte.shape[0]
+        first = -self.accelerator.process_index * rows % k  # TRL gives each process an equal slice in order
+        groups = min(ATTENTION_DIAGNOSTIC_GROUPS, (rows - first) // k)
+        sums = [0.0] * 5  # completion mass, max weight, (row, head) pairs, shared groups, groups
+        if groups > 0:
+            sample = slice(first, first + groups * k)
+            mask = batch.attention_mask[sample]
+            hidden = self.head_update.head_input(batch.hidden[sample], mask)
+            weights = self.reward_model.head.attention_weights(batch.rte[sample], hidden, mask=mask)
+            completion = completion_positions(mask, batch.completion_start)
+            sums = [completion_attention_mass(weights, completion).sum().item(),
+                    max_attention_weight(weights).sum().item(), float(weights[..., 0].numel()),
+                    shared_focus(weights, hidden, mask, k).sum().item(), float(groups)]
+        sums = torch.tensor(sums, dtype=torch.float64, device=batch.rte.device)
+        mass, top, heads, shared, counted = self.accelerator.gather(sums).view(-1, 5).sum(0).tolist()
+        if counted:
+            self._r2m_log_batch("r2m/attn_completion_mass", mass / heads)
+            self._r2m_log_batch("r2m/attn_max_weight", top / heads)
+            self._r2m_log_batch("r2m/attn_shared_argmax", shared / counted)
 
     # head update -------------------------------------------------------------------------------
 

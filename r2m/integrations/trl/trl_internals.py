@@ -54,10 +54,13 @@ class TRLOverrides:
         # trl 1.16.0: every forward of the policy (pi_old, the PEFT reference pass, training)
         # and of the reference model goes through here, with a fused LM head that returns no
         # hidden states: R2M wraps the call in a hook on the policy's backbone. The policy's
-        # forwards pass `self.model`, the reference model's `self.ref_model`.
+        # forwards pass `self.model`, the reference model's `self.ref_model`. In the pi_old and
+        # training passes logits_to_keep is the completion block's width (completion_ids.size(1)),
+        # so the completions start at column input_ids.size(1) - logits_to_keep.
         forward = functools.partial(super()._get_per_token_logps_and_entropies, model, input_ids, attention_mask,
                                     logits_to_keep, batch_size, **kwargs)
-        return self._r2m_policy_forward(model is self.model, model, input_ids, attention_mask, forward)
+        return self._r2m_policy_forward(model is self.model, model, input_ids, attention_mask,
+                                        input_ids.size(1) - logits_to_keep, forward)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # trl 1.16.0: called once per generation batch after TRL's no-grad passes, before its
@@ -130,20 +133,21 @@ def policy_forward(trainer, input_ids, attention_mask) -> None:
         trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 1, batch_size)
 
 
-def generated_batch(trainer, prompt_ids, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of a generated batch, laid out as trl 1.16.0's
-    _generate_and_score_completions lays it out for its forwards (r2m.tokens.generated_layout,
-    to `pad_to_multiple_of`), truncated completions (no EOS or pad at the end) masked out when
-    `mask_truncated_completions`."""
+def generated_batch(trainer, prompt_ids, completion_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, completion_start) of a generated batch, laid out as trl
+    1.16.0's _generate_and_score_completions lays it out for its forwards
+    (r2m.tokens.generated_layout, to `pad_to_multiple_of`), truncated completions (no EOS or pad
+    at the end) masked out when `mask_truncated_completions`; the completions start at column
+    completion_start (the prompt block's width)."""
     pad_id = tokenizer(trainer).pad_token_id
     truncated = None
     if trainer.mask_truncated_completions:
         ends = [*trainer.eos_token_ids, pad_id]
         truncated = [ids[-1] not in ends for ids in completion_ids]
-    input_ids, attention_mask = generated_layout(prompt_ids, completion_ids, pad_id, trainer.pad_to_multiple_of,
-                                                 truncated)
+    input_ids, attention_mask, completion_start = generated_layout(prompt_ids, completion_ids, pad_id,
+                                                                   trainer.pad_to_multiple_of, truncated)
     device = trainer.accelerator.device
-    return input_ids.to(device), attention_mask.to(device)
+    return input_ids.to(device), attention_mask.to(device), completion_start
 
 
 def chat_template_kwargs(trainer) -> dict:
