@@ -124,6 +124,7 @@ def test_rloo_from_a_yaml_file(models, tmp_path):
     (["--attn_dim", "0"], ["attn_dim must be an integer >= 1"]),
     (["--head_learning_rate", "-1"], ["head_learning_rate"]),
     (["--head_learning_rate", "inf"], ["head_learning_rate must be a finite number", "inf"]),
+    (["--head_learning_rate", "1e38"], ["head_learning_rate must be <= 3.403e+37", "10x the rate", "float32"]),
     (["--omega_floor", "nan"], ["omega_floor must be a finite number", "nan"]),
     (["--learning_rate", "inf"], ["learning_rate: inf is not a finite number"]),
     (["--max_grad_norm=-inf"], ["max_grad_norm: -inf is not a finite number"]),
