@@ -33,11 +33,10 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// The first all-reduce: the sum of the rewards and the first index of their max and min. A
-// slot without a reward holds (-inf, +inf, INT_MAX), which never beats a reward (rewards are
-// finite: validated) and keeps the index tie-break well defined.
+// The first all-reduce: the first index of the rewards' max and min. A slot without a reward
+// holds (-inf, +inf, INT_MAX), which never beats a reward (rewards are finite: validated) and
+// keeps the index tie-break well defined.
 struct Extremes {
-  float sum;
   float max;
   int argmax;
   float min;
@@ -49,6 +48,8 @@ struct SumPair {
   float first, second;
 };
 
+__device__ __forceinline__ float combine(float a, float b) { return a + b; }
+
 __device__ __forceinline__ SumPair combine(SumPair a, SumPair b) {
   return {a.first + b.first, a.second + b.second};
 }
@@ -58,7 +59,7 @@ __device__ __forceinline__ SumPair combine(SumPair a, SumPair b) {
 __device__ __forceinline__ Extremes combine(Extremes a, Extremes b) {
   const bool b_max = b.max > a.max || (b.max == a.max && b.argmax < a.argmax);
   const bool b_min = b.min < a.min || (b.min == a.min && b.argmin < a.argmin);
-  return {a.sum + b.sum, b_max ? b.max : a.max, b_max ? b.argmax : a.argmax,
+  return {b_max ? b.max : a.max, b_max ? b.argmax : a.argmax,
           b_min ? b.min : a.min, b_min ? b.argmin : a.argmin};
 }
 
@@ -71,7 +72,7 @@ __device__ __forceinline__ SumPair shfl_xor(SumPair x, int mask) {
 }
 
 __device__ __forceinline__ Extremes shfl_xor(Extremes x, int mask) {
-  return {shfl_xor(x.sum, mask), shfl_xor(x.max, mask), __shfl_xor_sync(kFullWarp, x.argmax, mask),
+  return {shfl_xor(x.max, mask), __shfl_xor_sync(kFullWarp, x.argmax, mask),
           shfl_xor(x.min, mask), __shfl_xor_sync(kFullWarp, x.argmin, mask)};
 }
 
@@ -134,10 +135,10 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
   const T* rewards = static_cast<const T*>(p.rewards) + start;
   const float count = static_cast<float>(size);
 
-  // Pass 1: load; sum, and the pair w / l = first index of the max / min. This thread meets
-  // its indices in increasing order, so strict comparisons keep the first.
-  float c[SLOTS];  // this thread's rewards, centred in passes 2 and 3; 0 past the group's end
-  Extremes ext{0.0f, -INFINITY, INT_MAX, INFINITY, INT_MAX};
+  // Pass 1: load; the pair w / l = first index of the max / min. This thread meets its
+  // indices in increasing order, so strict comparisons keep the first.
+  float c[SLOTS];  // this thread's rewards, scaled and centred in passes 2-4; 0 past the end
+  Extremes ext{-INFINITY, INT_MAX, INFINITY, INT_MAX};
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
     const int j = s * kWidth + rank;
@@ -145,7 +146,6 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
     if (j < size) {
       const float r = to_float(rewards[j]);
       c[s] = r;
-      ext.sum += r;
       if (r > ext.max) {
         ext.max = r;
         ext.argmax = j;
@@ -157,39 +157,51 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
     }
   }
   ext = allreduce(ext);
-  const float mean = ext.sum / count;
 
-  // Pass 2: centre. The rounded mean leaves sum c = K delta, delta ~ ulp(mean), which matters
-  // when the std is not much larger than ulp(mean): recentring by c_mean = delta (in pass 3)
+  // Pass 2: scale to u = r 2^-e, 2^e the largest |r| rounded down to a power of two (e in
+  // [-126, 126], so 2^e and 2^-e are normal), and sum. The product is exact, |u| < 4, so no
+  // sum or square overflows, and z = (u - mean u) / (std u + eps 2^-e) is the z of r; eps
+  // 2^-e is kept within the normal range (r2m_kernels/reference.py: inverse_group_scale).
+  const float magnitude = fmaxf(ext.max, -ext.min);
+  const int exponent = min(max(((__float_as_int(magnitude) >> 23) & 0xff) - 127, -126), 126);
+  const float inv_scale = __int_as_float((127 - exponent) << 23);
+  const float eps_scaled = fminf(fmaxf(p.eps * inv_scale, FLT_MIN), FLT_MAX);
+  float sum = 0.0f;
+#pragma unroll
+  for (int s = 0; s < SLOTS; ++s) {
+    if (s * kWidth + rank < size) {
+      c[s] *= inv_scale;
+      sum += c[s];
+    }
+  }
+  const float mean = allreduce(sum) / count;
+
+  // Pass 3: centre. The rounded mean leaves sum c = K delta, delta ~ ulp(mean), which matters
+  // when the std is not much larger than ulp(mean): recentring by c_mean = delta (in pass 4)
   // keeps c_hat, and so the gradient, orthogonal to 1, and the variance is the corrected
-  // two-pass one, (sum u^2 - (sum u)^2 / K) / K of u = c / spread, spread = r_w - r_l >= |c|:
-  // c^2 itself overflows beyond |c| ~ 1e19. A group of equal rewards has std 0 (or a tiny
-  // one with all c equal; either way z is uniform and g = 0 exactly).
-  const float spread = ext.max - ext.min > 0.0f ? ext.max - ext.min : 1.0f;
-  const float inv_spread = 1.0f / spread;
-  SumPair centred{0.0f, 0.0f};  // (sum u, sum u^2)
+  // two-pass one, (sum c^2 - (sum c)^2 / K) / K. A group of equal rewards has std 0 (or a
+  // tiny one with all c equal; either way z is uniform and g = 0 exactly).
+  SumPair centred{0.0f, 0.0f};  // (sum c, sum c^2)
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
     if (s * kWidth + rank < size) {
       c[s] -= mean;
-      const float u = c[s] * inv_spread;
-      centred.first += u;
-      centred.second += u * u;
+      centred.first += c[s];
+      centred.second += c[s] * c[s];
     }
   }
   centred = allreduce(centred);
-  const float u_mean = centred.first / count;
-  const float c_mean = u_mean * spread;
-  const float var_unit = (centred.second - centred.first * u_mean) / count;
-  const bool positive = var_unit > 0.0f;
-  const float std_dev = positive ? spread * sqrtf(var_unit) : 0.0f;
-  const float inv_d = 1.0f / (std_dev + p.eps);
+  const float c_mean = centred.first / count;
+  const float var = (centred.second - centred.first * c_mean) / count;
+  const bool positive = var > 0.0f;
+  const float std_dev = positive ? sqrtf(var) : 0.0f;
+  const float inv_d = 1.0f / (std_dev + eps_scaled);
   // z = c / d is non-decreasing in r (each step rounds monotonically), so max z is z_w, bit
   // for bit, without another reduction; __fmul_rn keeps z out of an FMA so that t = z - max z
   // is exactly 0 at w and <= 0 elsewhere.
-  const float z_max = __fmul_rn((ext.max - mean) - c_mean, inv_d);
+  const float z_max = __fmul_rn((ext.max * inv_scale - mean) - c_mean, inv_d);
 
-  // Pass 3: entropy of softmax(z) as H = log S0 - sum p t, S0 = sum e^t >= 1 (t_w = 0).
+  // Pass 4: entropy of softmax(z) as H = log S0 - sum p t, S0 = sum e^t >= 1 (t_w = 0).
   SumPair soft{0.0f, 0.0f};  // (S0, sum e^t t)
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
@@ -207,7 +219,8 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
   const float entropy = log_s0 - soft.second * inv_s0;
 
   // Bradley-Terry on the pair: gap = r_l - r_w <= 0, so e^gap <= 1 cannot overflow and
-  // log1p keeps softplus(gap) accurate when it is tiny.
+  // log1p keeps softplus(gap) accurate when it is tiny. gap overflows only to -inf, where bt
+  // and sig are 0, their exact values.
   const float e_gap = expf(ext.min - ext.max);
   const float bt = log1pf(e_gap);
   const float sig = e_gap / (1.0f + e_gap);  // sigmoid(r_l - r_w)
@@ -216,9 +229,9 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
   }
   if (grad == nullptr) return;
 
-  // Pass 4: g = dH/dz = -p (log p + H), log p = t - log S0; its mean and its mean against
+  // Pass 5: g = dH/dz = -p (log p + H), log p = t - log S0; its mean and its mean against
   // c_hat = c / std (c = 0 when std = 0, where the std is given no gradient). g is computed
-  // again in pass 5 rather than held: SLOTS fewer registers for one more exp per reward.
+  // again in pass 6 rather than held: SLOTS fewer registers for one more exp per reward.
   const auto entropy_grad_z = [&](float c_s) {
     const float t = __fmul_rn(c_s, inv_d) - z_max;
     return -(expf(t) * inv_s0) * (t - log_s0 + entropy);
@@ -236,22 +249,24 @@ __device__ __forceinline__ void grebt_group(const GrebtProblem& p, float* loss, 
   moments = allreduce(moments);
   const float g_mean = moments.first / count;
   const float gc_mean = moments.second / count;
-  // dH/dr = [g - mean(g) - c_hat gc_mean] / d + (eps / d^2) c_hat gc_mean: the eps term (the
-  // whole gradient when K = 2) is added on its own, not as a difference of O(g / d) terms.
-  const float eps_term = p.eps * inv_d * gc_mean;
+  // dH/du = [g - mean(g) - c_hat gc_mean] / d + (eps / d^2) c_hat gc_mean (eps and d in units
+  // of 2^e): the eps term (the whole gradient when K = 2) is added on its own, not as a
+  // difference of O(g / d) terms. dH/dr = 2^-e dH/du.
+  const float eps_term = eps_scaled * inv_d * gc_mean;
+  const float entropy_weight = p.alpha * inv_scale * inv_d;  // <= 1 / eps: no overflow
   const float bt_weight = (1.0f - p.alpha) * sig;
   float* grad_group = grad + start;
-  // Pass 5: the gradient.
+  // Pass 6: the gradient.
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
     const int j = s * kWidth + rank;
     if (j < size) {
       const float c_hat = c[s] * inv_std;
       const float projected = entropy_grad_z(c[s]) - g_mean - c_hat * gc_mean;
-      const float grad_entropy = (projected + c_hat * eps_term) * inv_d;
+      const float grad_entropy = projected + c_hat * eps_term;
       // BT: -sigmoid at w, +sigmoid at l; they cancel when w = l (K = 1, equal rewards).
       const float pair = static_cast<float>(j == ext.argmin) - static_cast<float>(j == ext.argmax);
-      grad_group[j] = (p.alpha * grad_entropy + bt_weight * pair) * p.loss_scale;
+      grad_group[j] = (entropy_weight * grad_entropy + bt_weight * pair) * p.loss_scale;
     }
   }
 }
@@ -311,19 +326,16 @@ cudaError_t grebt_loss_forward(const GrebtProblem& problem, float* loss, float* 
       (uniform && (problem.group_size < 1 || problem.group_size > problem.max_group_size))) {
     return cudaErrorInvalidValue;
   }
-  GrebtProblem p = problem;
-  // -ftz (--use_fast_math) would flush a subnormal eps to 0, making 0/0 for a group of equal
-  // rewards; an infinite eps would make eps / d = inf / inf.
-  p.eps = fminf(fmaxf(p.eps, FLT_MIN), FLT_MAX);
-  switch (p.dtype) {
+  // eps needs no clamp here: the kernel keeps eps 2^-e within the normal range (pass 2).
+  switch (problem.dtype) {
     case Dtype::kFloat32:
-      launch<float>(p, loss, grad, stream);
+      launch<float>(problem, loss, grad, stream);
       break;
     case Dtype::kFloat16:
-      launch<__half>(p, loss, grad, stream);
+      launch<__half>(problem, loss, grad, stream);
       break;
     case Dtype::kBFloat16:
-      launch<__nv_bfloat16>(p, loss, grad, stream);
+      launch<__nv_bfloat16>(problem, loss, grad, stream);
       break;
     default:
       return cudaErrorInvalidValue;

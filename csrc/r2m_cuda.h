@@ -72,7 +72,8 @@ cudaError_t attention_pool_backward(const PoolProblem& p, const float* grad, con
 //   loss_g = (1 - alpha) softplus(r_l - r_w) + alpha H(softmax(z)),
 //   z = (r - mean) / (population std + eps), w / l = first index of the max / min.
 // Same semantics and gradient as r2m_kernels/triton/grebt.py (its docstring has the formulas;
-// a group of equal rewards has std 0 and no gradient through the std).
+// a group of equal rewards has std 0 and no gradient through the std). Rewards of any finite
+// magnitude: z is computed in units of the group's largest |r| rounded down to a power of two.
 struct GrebtProblem {
   const void* rewards;  // (n,) contiguous
   Dtype dtype;

@@ -26,6 +26,10 @@ MODES = ("r2m", "static", "r2m-frozen", "noise", "bt-only", "gre-only", "iterati
 # tell the completions apart).
 HEAD_ATTENDS = ("sequence", "completion")
 
+# The head's AdamW (default betas) takes a first step of head_learning_rate / (1 - 0.9), which
+# torch converts to the head's float32: above this it raises there, before any finite check.
+HEAD_LEARNING_RATE_MAX = 3.4028234663852886e38 * (1 - 0.9)
+
 
 DEVICES = ("auto", "cpu", "cuda")  # what each command's --device takes
 
@@ -90,6 +94,10 @@ class R2MConfig:
                 raise ValueError(f"{name} must be a finite number in [{low}, {high}]; got {value!r}")
         if not self.head_learning_rate > 0:
             raise ValueError(f"head_learning_rate must be > 0; got {self.head_learning_rate!r}")
+        if self.head_learning_rate > HEAD_LEARNING_RATE_MAX:
+            raise ValueError(f"head_learning_rate must be <= {HEAD_LEARNING_RATE_MAX:.4g}: the head's AdamW takes a "
+                             f"first step of 10x the rate, which must be a float32 number (the head's weights); "
+                             f"got {self.head_learning_rate!r}")
         if self.attn_dim % self.num_heads:
             raise ValueError(f"attn_dim ({self.attn_dim}) must be divisible by num_heads ({self.num_heads})")
 

@@ -85,16 +85,31 @@ def _group_view(x: torch.Tensor, group_size, cu_groups, fill: float, max_group=N
     return x[index].masked_fill(~valid, fill), valid
 
 
+# (an int dtype of the same width, mantissa bits, exponent bias) of the math dtypes.
+_FLOAT_BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def inverse_group_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """1/s for each group's largest |reward| `magnitude` (>= 0, fp32 or fp64): s = 2^e with
+    e = floor(log2 magnitude) clamped to [1 - bias, bias - 1] (fp32: [-126, 126]), so s and 1/s
+    are normal numbers and rewards / s lie in (-4, 4). Made from the exponent bits: multiplying
+    by a power of two is exact, and exp2 or ldexp need not be."""
+    int_dtype, mantissa, bias = _FLOAT_BITS[magnitude.dtype]
+    exponent = ((magnitude.view(int_dtype) >> mantissa) - bias).clamp(1 - bias, bias - 1)
+    return ((bias - exponent) << mantissa).view(magnitude.dtype)
+
+
 def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e-6, reduction="mean",
                      max_group=None):
     """GREBT loss (docs/design.md §1.3) per group of rewards; fp32 math, fp32 result (fp64 for
-    fp64 rewards).
+    fp64 rewards). Finite rewards of any magnitude give a finite loss and gradient.
 
     rewards (B,); uniform groups of `group_size` or ragged groups given by cu_groups (G+1,)
     (max_group: the largest group, when the caller knows it). Returns a scalar for
     "mean"/"sum", (G,) for "none".
     """
     acc = accumulation_dtype(rewards.dtype)
+    info = torch.finfo(acc)
     r = rewards.to(acc)
     g, valid = _group_view(r, group_size, cu_groups, 0.0, max_group)
     count = g.new_full((g.shape[0],), float(g.shape[1])) if valid is None else valid.sum(1).to(acc)
@@ -104,21 +119,30 @@ def grebt_loss_torch(rewards, group_size=None, cu_groups=None, alpha=0.3, eps=1e
         hi = g if valid is None else g.masked_fill(~valid, float("-inf"))
         lo = g if valid is None else g.masked_fill(~valid, float("inf"))
         w, l = hi.argmax(dim=1, keepdim=True), lo.argmin(dim=1, keepdim=True)
-    bt = F.softplus(g.gather(1, l) - g.gather(1, w)).squeeze(1)  # -log sigmoid(r_w - r_l)
+        columns = torch.arange(g.shape[1], device=g.device)
+        pair = (columns == l).to(acc) - (columns == w).to(acc)  # +1 at l, -1 at w, 0 if l = w
+        inv_scale = inverse_group_scale(g.abs().amax(1, keepdim=True))  # padding is 0
+    # -log sigmoid(r_w - r_l) = softplus(r_l - r_w). r_l - r_w <= 0 overflows only to -inf,
+    # where softplus and its gradient are 0: the exact values. A one-hot product rather than
+    # gather: its backward is elementwise, where inductor (torch 2.13, CPU) dropped one of the
+    # two scatters of the gathers' backward beside this loss's other terms.
+    bt = F.softplus((g * pair).sum(1))
 
+    # z in units of s: u = r / s, z = (u - mean u) / (std u + eps / s), the same z term by term
+    # (s is a power of two), with |u| < 4 so that neither the sum nor the squares overflow.
+    # eps / s is kept within the normal range: below it only a group of equal rewards (std 0,
+    # z = 0 / (eps / s)) could tell, and a flushed eps / s would make that 0 / 0.
+    u = g * inv_scale
     keep = (lambda t: t) if valid is None else (lambda t: t * valid)
-    mean = keep(g).sum(1, keepdim=True) / count[:, None]
-    centered = keep(g - mean)
-    # std = size * sqrt(mean((c / size)^2)) with size = max |c|: the squares of rewards beyond
-    # sqrt(float max) (~1e19 in fp32) would overflow, and an infinite std makes z = 0.
-    size = centered.detach().abs().amax(1, keepdim=True)
-    unit = centered / torch.where(size > 0, size, 1.0)
-    var = (unit * unit).sum(1, keepdim=True) / count[:, None]
+    mean = keep(u).sum(1, keepdim=True) / count[:, None]
+    centered = keep(u - mean)
+    var = (centered * centered).sum(1, keepdim=True) / count[:, None]
     # sqrt has an infinite derivative at 0: a group of equal rewards gets std = 0 with a zero
     # gradient (its entropy gradient is zero there anyway) instead of 0 * inf = NaN.
     positive = var > 0
-    std = size * torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0)
-    z = centered / (std + eps)
+    std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0)
+    eps_scaled = (torch.full_like(inv_scale, min(eps, info.max)) * inv_scale).clamp(info.tiny, info.max)
+    z = centered / (std + eps_scaled)
     if valid is not None:
         z = z.masked_fill(~valid, float("-inf"))
     logp = torch.log_softmax(z, dim=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -161,6 +162,52 @@ def _load(name: str, loader, value: str):
         raise UsageError(f"{name}: cannot load {value}: {str(e).strip().splitlines()[0]}") from None
 
 
+def load_model(name: str, auto_class, source: str, **kwargs):
+    """auto_class.from_pretrained(source, **kwargs), or a UsageError naming `name`, the folder
+    and what is wrong: weights that cannot be read (a truncated or garbled file), or weights
+    that do not fit config.json, where transformers would re-initialise the tensors of another
+    shape, or lacking from the weights, at random and only warn."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of the keys: the error below names the first
+    try:
+        model, info = auto_class.from_pretrained(source, ignore_mismatched_sizes=True, output_loading_info=True,
+                                                 **kwargs)
+    except SafetensorError as e:
+        raise UsageError(f"{name}: {_unreadable_weights(source) or source} is damaged ({e})") from None
+    except (pickle.UnpicklingError, EOFError):  # a pytorch_model.bin
+        raise UsageError(f"{name}: the weights in {source} are damaged (not a readable PyTorch checkpoint)") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{name}: cannot load {source}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["mismatched_keys"]:
+        mismatched = sorted(info["mismatched_keys"])
+        key, in_weights, by_config = mismatched[0]
+        raise UsageError(f"{name}: the weights in {source} do not fit its config.json: {key} is {tuple(in_weights)} "
+                         f"in the weights, {tuple(by_config)} by config.json ({len(mismatched)} tensors differ)")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UsageError(f"{name}: the weights in {source} lack {len(missing)} of the tensors its config.json "
+                         f"defines ({missing[0]}, ...), which would start at random")
+    return model
+
+
+def _unreadable_weights(source: str) -> str | None:
+    """The first .safetensors file in the local folder `source` whose header cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return None
+
+
 def check_resume(output_dir: str, r2m_config, max_steps: int) -> str:
     """The checkpoint to resume from; UsageError when there is none or it cannot continue this run."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -198,7 +245,8 @@ def _earlier_intact(output_dir: str, last: str, check) -> str:
 
 def train(script: TrainArguments, r2m_config, args) -> int:
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              set_seed)
 
     from r2m_kernels import BackendUnavailableError
 
@@ -214,8 +262,10 @@ def train(script: TrainArguments, r2m_config, args) -> int:
     tokenizer = _load("policy", lambda p: AutoTokenizer.from_pretrained(p, padding_side="left"), policy)
     prompts = load_prompts(script.prompts, tokenizer)
     checkpoint = check_resume(args.output_dir, r2m_config, args.max_steps) if script.resume else None
-    rm_model = _load("reward_model", lambda p: AutoModelForSequenceClassification.from_pretrained(p, num_labels=1),
-                     rm_source)
+    # TRL loads the policy itself; loaded onto the meta device, it shows how its weights fit
+    # config.json without reading them.
+    load_model("policy", AutoModelForCausalLM, policy, device_map="meta", use_kernels=False)
+    rm_model = load_model("reward_model", AutoModelForSequenceClassification, rm_source, num_labels=1)
     set_seed(args.seed)  # the head's initialisation, like everything after it, follows the seed
     rm = R2MRewardModel.from_sequence_classifier(
         rm_model, policy_config.get_text_config().hidden_size,

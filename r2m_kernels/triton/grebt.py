@@ -19,6 +19,11 @@ The second line is the chain rule through mean and std (ds/dr_k = c_hat_k / K) r
 bracket is g projected off 1 and c_hat, and the eps term, the true gradient when K = 2, is
 added on its own instead of as the difference of two O(g / d) terms.
 
+Scale: the kernel works on u = r / 2^e, 2^e the group's largest |r| rounded down to a power of
+two (_group_scale), where it divides eps by 2^e too. z is unchanged (the same numbers scaled
+exactly), no sum or square overflows whatever the rewards' magnitude, and dH/dr is dH/du / 2^e.
+BT uses r itself: r_l - r_w overflows only to -inf, where softplus and sigma are exactly 0.
+
 fp16/bf16/fp32 rewards: math in fp32; fp64 rewards: math in fp64 (so gradcheck can test the
 kernel itself).
 """
@@ -40,9 +45,10 @@ MAX_GROUP_SIZE = 16384
 _TILE_ELEMENTS = 1024
 # Local-memory spill (bytes stored + loaded, ptxas for sm_90) the forward kernel may have: a
 # group of MAX_GROUP_SIZE fp64 rewards with the gradient spills most; ptxas spills it
-# differently under each supported Triton, so the bound sits a little above all of them, and
-# more than this means the kernel got worse (tests/support/triton_compile.py checks it).
-FWD_SPILL_BYTES = 9216
+# differently under each supported Triton, so the bound sits a little above all of them (9448
+# bytes under Triton 3.9 with the group scale), and more than this means the kernel got worse
+# (tests/support/triton_compile.py checks it).
+FWD_SPILL_BYTES = 9728
 
 
 @triton.jit
@@ -51,6 +57,24 @@ def _log1p(x):
     u = 1.0 + x
     exact = u == 1.0
     return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _group_scale(magnitude, eps, ACC: tl.constexpr):
+    """(2^-e, eps 2^-e) per group from its largest |reward| `magnitude` (BLOCK_G,), as the
+    reference's inverse_group_scale: e = floor(log2 magnitude) clamped so that 2^e and 2^-e
+    are normal, 2^-e made from the exponent bits (exact), eps 2^-e clamped to the normal range."""
+    if ACC == tl.float64:
+        exponent = (magnitude.to(tl.int64, bitcast=True) >> 52) - 1023
+        exponent = tl.minimum(tl.maximum(exponent, -1022), 1022)
+        inv_scale = ((1023 - exponent) << 52).to(tl.float64, bitcast=True)
+        eps_scaled = tl.minimum(tl.maximum(eps * inv_scale, 2.2250738585072014e-308), 1.7976931348623157e308)
+    else:
+        exponent = (magnitude.to(tl.int32, bitcast=True) >> 23) - 127
+        exponent = tl.minimum(tl.maximum(exponent, -126), 126)
+        inv_scale = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+        eps_scaled = tl.minimum(tl.maximum(eps * inv_scale, 1.1754943508222875e-38), 3.4028234663852886e38)
+    return inv_scale, eps_scaled
 
 
 @triton.jit
@@ -90,28 +114,29 @@ def _grebt_fwd_kernel(
     r_lo = tl.where(valid, r, float("inf"))
     w = tl.argmax(r_hi, axis=1)
     l = tl.argmin(r_lo, axis=1)
-    gap = tl.min(r_lo, axis=1) - tl.max(r_hi, axis=1)  # r_l - r_w <= 0 (0 on padding rows)
-    gap = tl.where(group_ok, gap, 0.0)
-    e_gap = tl.exp(gap)  # in (0, 1]: no overflow
+    r_max = tl.where(group_ok, tl.max(r_hi, axis=1), 0.0)
+    r_min = tl.where(group_ok, tl.min(r_lo, axis=1), 0.0)
+    # r_l - r_w <= 0 overflows only to -inf, where bt and sig are 0, their exact values.
+    gap = r_min - r_max
+    e_gap = tl.exp(gap)  # in [0, 1]: no overflow
     bt = _log1p(e_gap)  # -log sigmoid(r_w - r_l) = softplus(r_l - r_w)
     sig = e_gap / (1.0 + e_gap)  # sigmoid(r_l - r_w)
 
-    # Standardise with the population std; a group of equal rewards has std = 0.
-    mean = tl.sum(r, axis=1) / count
-    c = tl.where(valid, r - mean[:, None], 0.0)
+    # Standardise with the population std, in units of 2^e (_group_scale): u = r 2^-e exactly,
+    # |u| < 4, so neither the sum nor the squares overflow, and z = (u - mean u) / (std u +
+    # eps 2^-e) is the z of r. Equal rewards have std = 0.
+    inv_scale, eps_scaled = _group_scale(tl.maximum(r_max, -r_min), eps, ACC)
+    u = r * inv_scale[:, None]
+    mean = tl.sum(u, axis=1) / count
+    c = tl.where(valid, u - mean[:, None], 0.0)
     # The rounded mean leaves sum c = K delta, delta ~ ulp(mean): when the spread is near
     # ulp(mean) that shift breaks the gradient's invariance to adding a constant (it must sum
     # to 0 over the group). Centring again removes it (the corrected two-pass variance).
     c = tl.where(valid, c - (tl.sum(c, axis=1) / count)[:, None], 0.0)
-    # std = spread * sqrt(mean((c / spread)^2)), spread = r_w - r_l >= max |c|: the squares of
-    # rewards beyond sqrt(fp32 max) ~ 1e19 would overflow, and an infinite std makes z = 0.
-    spread = tl.where(group_ok, -gap, 0.0)
-    spread = tl.where(spread > 0.0, spread, 1.0)
-    unit = c / spread[:, None]
-    var_unit = tl.sum(unit * unit, axis=1) / count
-    positive = var_unit > 0.0
-    std = tl.where(positive, spread * tl.sqrt(tl.where(positive, var_unit, 1.0)), 0.0)
-    d = std + eps
+    var = tl.sum(c * c, axis=1) / count
+    positive = var > 0.0
+    std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
+    d = std + eps_scaled
     z = c / d[:, None]
 
     # Entropy of softmax(z): t = z - max z <= 0, S0 = sum e^t, H = log S0 - sum p t.
@@ -134,9 +159,11 @@ def _grebt_fwd_kernel(
         g_mean = tl.sum(g, axis=1) / count
         gc_mean = tl.sum(g * c_hat, axis=1) / count
         projected = g - g_mean[:, None] - c_hat * gc_mean[:, None]
-        grad_gre = (projected + c_hat * (eps / d * gc_mean)[:, None]) / d[:, None]
+        # alpha dH/dr = alpha 2^-e dH/du
+        gre_scale = alpha * inv_scale / d
+        grad_gre = (projected + c_hat * (eps_scaled / d * gc_mean)[:, None]) * gre_scale[:, None]
         pair = (col[None, :] == l[:, None]).to(ACC) - (col[None, :] == w[:, None]).to(ACC)
-        grad = alpha * grad_gre + ((1.0 - alpha) * sig)[:, None] * pair
+        grad = grad_gre + ((1.0 - alpha) * sig)[:, None] * pair
         tl.store(grad_ptr + offs, (grad * loss_scale).to(grad_ptr.dtype.element_ty), mask=valid)
 
 

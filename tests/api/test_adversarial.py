@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 import r2m_kernels
-from r2m import GREBTLoss, R2MHead, omega
+from r2m import GREBTLoss, R2MConfig, R2MHead, omega
+from r2m.config import HEAD_LEARNING_RATE_MAX
 from r2m_kernels import BackendUnavailableError, attention_pool, finite_checks, grebt_loss, score_mix
 
 from tests.support.backends import DEVICE, HAS_CUDA, params, use
@@ -307,8 +308,13 @@ def grebt(c, rewards=None, **kw):
     return dict(rewards=rewards, reduction=kw.pop("reduction", "none"), **kw)
 
 
-# The kernels square the centred rewards in fp32: beyond ~1e19 the variance overflows, std =
-# inf, z = 0 and the entropy is log K (the torch backend scales by the largest first).
+FP32_MAX, FP32_TINY = torch.finfo(F32).max, torch.finfo(F32).tiny
+# Rewards near float32's largest have gradients near 1e-39, below its normal range: a GPU's fast
+# math may flush them to zero.
+FLUSHED = FP32_TINY if HAS_CUDA else 0.0
+# Groups of 4 whose sum (the second) or r_w - r_l (the others) overflows float32; the first is
+# issue 20's.
+HUGE = torch.tensor([3e38, 2e38, -3e38, 1e38, 3e38, 3.3e38, 1e38, 2e38, -3.3e38, -3e38, 3.3e38, -1e38])
 
 GREBT_ROWS = [
     Row("fp16 rewards near 3e4", lambda c: grebt(c, c.leaf(randn(12, dtype=F16, scale=1e4))), Same(2e-3)),
@@ -354,6 +360,19 @@ GREBT_ROWS = [
     Row("eps 1e-300 with fp64 rewards", lambda c: grebt(c, c.leaf(randn(12, dtype=F64)), eps=1e-300), Same(1e-12),
         refused={"cuda": "float64"}),
     Row("eps 1e39", lambda c: grebt(c, eps=1e39), Same()),
+    Row("fp32 rewards near 3e38: sums and r_w - r_l overflow", lambda c: grebt(c, c.leaf(HUGE)), Same(atol=FLUSHED)),
+    Row("fp32 rewards +-float32's max beside ordinary ones",
+        lambda c: grebt(c, c.leaf(put(put(randn(12), 1, FP32_MAX), 3, -FP32_MAX)), reduction="mean"), Same(atol=FLUSHED)),
+    Row("bf16 rewards near 3e38", lambda c: grebt(c, c.leaf(HUGE.to(BF16))), Same(1e-2, atol=FLUSHED)),
+    Row("equal rewards at float32's max", lambda c: grebt(c, c.leaf(torch.full((1,), FP32_MAX)).expand(12)), Same()),
+    Row("fp64 rewards near 1e308", lambda c: grebt(c, c.leaf(randn(12, dtype=F64, scale=1e308))), Same(1e-12),
+        refused={"cuda": "float64"}),
+    Row("eps at float32's smallest normal", lambda c: grebt(c, eps=FP32_TINY), Same()),
+    Row("eps just below float32's smallest normal", lambda c: grebt(c, eps=FP32_TINY * (1 - 1e-9)),
+        Raises(ValueError, "eps")),
+    Row("eps at its bound, equal rewards at float32's max",
+        lambda c: grebt(c, c.leaf(torch.full((1,), FP32_MAX)).expand(12), eps=FP32_TINY), Same()),
+    Row("eps 1e30 with rewards 1e-30", lambda c: grebt(c, c.leaf(randn(12, scale=1e-30)), eps=1e30), Same()),
     Row("reduction None", lambda c: grebt(c, reduction=None), Raises(ValueError, "reduction")),
     Row("reduction 'MEAN'", lambda c: grebt(c, reduction="MEAN"), Raises(ValueError, "reduction")),
     Row("NaN reward: that group only", lambda c: grebt(c, c.leaf(put(randn(12), 5))), Same(poisoned=(1,), grads=False)),
@@ -580,6 +599,12 @@ CALLS = [
          "meta"),
     Call("GREBTLoss with alpha True", lambda: GREBTLoss(alpha=True), Raises(TypeError, "alpha")),
     Call("GREBTLoss with eps 0", lambda: GREBTLoss(eps=0), Raises(ValueError, "eps")),
+    Call("GREBTLoss on rewards at float32's max and min",
+        lambda: bool(GREBTLoss()(torch.tensor([FP32_MAX, -FP32_MAX, 3e38, 1.0]), 4).isfinite()), True),
+    Call("R2MConfig with head_learning_rate 1e38", lambda: R2MConfig(head_learning_rate=1e38),
+        Raises(ValueError, "head_learning_rate must be <=")),
+    Call("R2MConfig with head_learning_rate at its bound",
+        lambda: R2MConfig(head_learning_rate=HEAD_LEARNING_RATE_MAX).head_learning_rate, HEAD_LEARNING_RATE_MAX),
     Call("GREBTLoss with backend eager", lambda: GREBTLoss(backend="eager"), Raises(ValueError, "backend")),
     Call("GREBTLoss with reduction avg", lambda: GREBTLoss(reduction="avg"), Raises(ValueError, "reduction")),
     Call("GREBTLoss with both group_size and cu_groups", lambda: GREBTLoss()(randn(8), 4, cu_groups=cu(0, 8)),

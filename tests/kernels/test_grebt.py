@@ -238,6 +238,119 @@ def test_eps_beyond_fp32_range_stays_finite(backend):
     check_against_reference(torch.randn(12, dtype=torch.float64), backend, group_size=4, eps=1e39)
 
 
+# ------------------------------------------------------- rewards of any finite magnitude
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def groups_at(magnitude):
+    """Float64 rewards exact in float32, in ragged groups at `magnitude` (up to float32's
+    largest) beside ordinary ones, and their (G+1,) int32 offsets. At 3e38 the first group's
+    sum and its r_w - r_l overflow float32."""
+    m = magnitude
+    groups = [
+        [m, 2 * m / 3, -m, m / 3],
+        (torch.randn(5, dtype=torch.float64) * 2).tolist(),  # ordinary rewards
+        [m] * 3,  # equal rewards: std 0
+        [-m],  # K = 1
+        [m * (1 - k / 8) for k in range(4)],  # all near the magnitude: the sum overflows
+        [m, 1.0, -0.5, 1e-30, -m / 7],  # one huge reward beside small ones
+        [-m / 4, -m, -m / 2],
+    ]
+    cu = torch.tensor([0] + [len(g) for g in groups], dtype=torch.int32).cumsum(0).to(torch.int32)
+    return torch.tensor([x for g in groups for x in g], dtype=torch.float64).float().double(), cu
+
+
+def assert_close_per_group(got, want, cu, rtol, spacing, what):
+    """Each group's entries of got within rtol of the group's own largest |want| plus `spacing`
+    (absolute): gradients of groups at different magnitudes are orders apart (~1 / magnitude),
+    so one bound for the whole batch would not see the small ones."""
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    assert torch.isfinite(got).all(), f"{what}: non-finite"
+    for g, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        err = (got[lo:hi] - want[lo:hi]).abs().max().item()
+        bound = rtol * want[lo:hi].abs().max().item() + spacing
+        assert err <= bound, f"{what}, group {g}: error {err:.3g} > bound {bound:.3g}"
+
+
+def test_reference_matches_the_loop_at_float32s_largest_rewards():
+    # In float64 nothing overflows at 3.4e38: the loop is a plain reference there.
+    rewards, cu = groups_at(FP32_MAX)
+    rewards.requires_grad_(True)
+    pairs = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    got = grebt_loss(rewards, cu_groups=cu, alpha=0.3, reduction="none", backend="torch")
+    want = torch.stack(grebt_loop(rewards, pairs, 0.3))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    grad_out = torch.rand(len(pairs), dtype=torch.float64) + 0.5
+    got_grad, = torch.autograd.grad(got, rewards, grad_out)
+    want_grad, = torch.autograd.grad(want, rewards, grad_out)
+    assert_close_per_group(got_grad, want_grad, cu, 1e-9, 0.0, "gradient")
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e36, 3e38, "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rewards_up_to_float32s_largest_match_float64(magnitude, dtype, backend):
+    """Finite rewards of any magnitude: a finite loss and gradient, each group within rtol of the
+    float64 reference on the same rounded values. The gradients of a group at 3e38 are ~1e-40,
+    below float32's normal range: one subnormal spacing more (on the GPU, where fast math may
+    flush them to zero, float32's smallest normal)."""
+    info = torch.finfo(dtype)
+    rewards64, cu = groups_at(info.max if magnitude == "max" else magnitude)
+    rounded = rewards64.to(dtype)
+    spacing = info.tiny if DEVICE.type == "cuda" else info.tiny * info.eps
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    x = rounded.to(DEVICE).requires_grad_(True)
+    loss = grebt_loss(x, cu_groups=cu.to(DEVICE), alpha=0.3, reduction="none", backend=backend)
+    ref_x = rounded.double().requires_grad_(True)
+    ref = grebt_loss(ref_x, cu_groups=cu, alpha=0.3, reduction="none", backend="torch")
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    grad, = torch.autograd.grad(loss, x, grad_out.to(DEVICE, loss.dtype))
+    ref_grad, = torch.autograd.grad(ref, ref_x, grad_out)
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=0)
+    assert_close_per_group(grad, ref_grad, cu, rtol, spacing, "gradient")
+    assert (grad[9:13] == 0).all()  # the equal group and K = 1: no gradient at all
+    total = grebt_loss(x, cu_groups=cu.to(DEVICE), alpha=0.3, backend=backend)  # "mean"
+    torch.testing.assert_close(total.cpu().double(), ref.mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_the_entropy_term_is_scale_free_to_the_bit(dtype, backend):
+    """GRE (alpha = 1) of rewards r 2^k with eps 2^k is that of r with eps, and its gradient is
+    2^-k times: the scaled rewards are standardised in the same units as r. fp64 rewards near
+    1e301 (the triton kernel and the reference scale in fp64 too; the kernel takes eps within
+    float32's range)."""
+    base_power, k, eps = (0, 100, 1e-6) if dtype == torch.float32 else (800, 200, 2.0**-100)
+    base = torch.randn(24, dtype=dtype, device=DEVICE) * 2.0**base_power
+    base[8:12] = 1.5 * 2.0**base_power  # equal rewards
+    cu = torch.tensor([0, 5, 8, 12, 13, 24], dtype=torch.int32, device=DEVICE)
+    if backend == "cuda" and dtype == torch.float64:
+        with pytest.raises(BackendUnavailableError, match="float64"):
+            grebt_loss(base, cu_groups=cu, backend=backend)
+        return
+    results = []
+    for power in (0, k):
+        x = (base * 2.0**power).requires_grad_(True)
+        loss = grebt_loss(x, cu_groups=cu, alpha=1.0, eps=eps * 2.0**power, reduction="none", backend=backend)
+        grad, = torch.autograd.grad(loss.sum(), x)
+        results.append((loss, grad * 2.0**power))
+    (loss, grad), (scaled_loss, scaled_grad) = results
+    assert torch.isfinite(scaled_loss).all() and torch.isfinite(scaled_grad).all()
+    exact = backend == "torch" or DEVICE.type == "cpu"  # GPU kernels divide approximately
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scaled_loss, loss, **tol)
+    torch.testing.assert_close(scaled_grad, grad, **tol)
+
+
+@pytest.mark.parametrize("rewards, eps", [(1e-30, 1e30), (FP32_MAX, torch.finfo(torch.float32).tiny)],
+                         ids=["eps-over-s-overflows", "eps-over-s-underflows"])
+def test_eps_far_from_the_rewards_scale(rewards, eps, backend):
+    # eps / 2^e beyond float32's range either way is kept within it: equal groups stay 0 / eps,
+    # and the others match float64.
+    values = torch.tensor([1.0, 1.0, 1.0, -0.25, 0.5, 1.0, 0.75, 0.125], dtype=torch.float64) * rewards
+    check_against_reference(values.float().double(), backend, group_size=4, alpha=0.3, eps=eps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_16bit_rewards(dtype, backend):
     check_against_reference(torch.randn(48, dtype=torch.float64), backend, group_size=4, dtype=dtype)
@@ -343,6 +456,27 @@ def test_cuda_op_registration(backend_name, monkeypatch):
     rewards = torch.randn(24, device=DEVICE, requires_grad=True)
     cu = torch.tensor([0, 5, 6, 24], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(op, (rewards, None, cu, 18, 0.3, 1e-6, "none", True))
+
+
+@pytest.mark.slow
+def test_torch_backend_under_inductor_matches_eager():
+    """torch.compile (inductor) of the torch backend: loss and gradient as in eager, huge groups
+    included. The pair's BT term is a one-hot product because inductor (torch 2.13, CPU) lost
+    the gradient at l of a gather-based one here."""
+    ragged, cu = groups_at(3e38)
+    uniform = torch.tensor([3e38, 2e38, -3e38, 1e38, 1.0, 2.0, 0.5, -1.0, 0.3, 0.3, 0.3, 0.3])
+    for rewards, groups in ((uniform, {"group_size": 4}), (ragged, {"cu_groups": cu.to(DEVICE)})):
+        rewards = rewards.float().to(DEVICE).requires_grad_(True)
+        compiled = torch.compile(lambda r: grebt_loss(r, reduction="none", backend="torch", **groups),
+                                 fullgraph=True)
+        got = compiled(rewards)
+        grad_out = torch.rand(got.shape, device=DEVICE) + 0.5
+        got_grad, = torch.autograd.grad(got, rewards, grad_out)
+        want = grebt_loss(rewards, reduction="none", backend="torch", **groups)
+        want_grad, = torch.autograd.grad(want, rewards, grad_out)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        offsets = cu if "cu_groups" in groups else torch.arange(0, 13, 4)
+        assert_close_per_group(got_grad, want_grad, offsets, 1e-5, torch.finfo(torch.float32).tiny, "gradient")
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ pytest.importorskip("trl")
 
 from r2m.cli import main  # noqa: E402
 
-from tests.support.trl_tiny import metrics, save_tiny_models  # noqa: E402
+from tests.support.trl_tiny import POLICY_DIM, RM_DIM, metrics, save_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,7 @@ def test_rloo_from_a_yaml_file(models, tmp_path):
     (["--attn_dim", "0"], ["attn_dim must be an integer >= 1"]),
     (["--head_learning_rate", "-1"], ["head_learning_rate"]),
     (["--head_learning_rate", "inf"], ["head_learning_rate must be a finite number", "inf"]),
+    (["--head_learning_rate", "1e38"], ["head_learning_rate must be <= 3.403e+37", "10x the rate", "float32"]),
     (["--omega_floor", "nan"], ["omega_floor must be a finite number", "nan"]),
     (["--learning_rate", "inf"], ["learning_rate: inf is not a finite number"]),
     (["--max_grad_norm=-inf"], ["max_grad_norm: -inf is not a finite number"]),
@@ -235,6 +236,57 @@ def test_missing_files_and_devices(models, tmp_path, capsys):
     fails_with(["train", "--resume", "true"], capsys, "needs --policy", "r2m experiment")
     if not torch.cuda.is_available():
         fails_with(command(models, tmp_path, "--device", "cuda"), capsys, "device: cuda", "no CUDA device")
+
+
+def damaged_copy(folder, out, how):
+    """A copy of the model folder `folder` at `out`, damaged in the way `how` names."""
+    shutil.copytree(folder, out)
+    weights, config = out / "model.safetensors", out / "config.json"
+    settings = json.loads(config.read_text())
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "hidden_size changed":
+        config.write_text(json.dumps({**settings, "hidden_size": 2 * settings["hidden_size"]}))
+    elif how == "one layer more":
+        config.write_text(json.dumps({**settings, "num_hidden_layers": settings["num_hidden_layers"] + 1}))
+    elif how == "empty config.json":
+        config.write_text("")
+    elif how == "garbage config.json":
+        config.write_bytes(b"\x00\xff{garbage")
+    elif how == "config.json without model_type":
+        config.write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize("which, flag", [("policy", "--policy"), ("rm", "--reward_model")])
+def test_model_folders_that_load_wrongly(models, tmp_path, capsys, which, flag):
+    """Weights cut short, a config.json that contradicts the weights (transformers would raise
+    for one shape and re-initialise missing tensors at random with a warning), a config.json
+    that is not one: one line naming the folder (and the file) and what is wrong, exit 2, no
+    output folder."""
+    name = flag[2:]
+    dim = {"policy": POLICY_DIM, "rm": RM_DIM}[which]
+    cases = {
+        "truncated weights": ["model.safetensors is damaged", "file not fully covered"],
+        "hidden_size changed": ["do not fit its config.json",
+                                f"model.embed_tokens.weight is (101, {dim}) in the weights, (101, {2 * dim}) by config.json"],
+        "one layer more": ["lack 9 of the tensors its config.json defines", "model.layers.2.", "would start at random"],
+        "empty config.json": ["cannot load", "config.json", "is not a valid JSON file"],
+        "garbage config.json": ["cannot load", "config.json", "is not a valid JSON file"],
+        "config.json without model_type": ["cannot load", "model_type"],
+    }
+    for how, needles in cases.items():
+        folder = damaged_copy(models / which, tmp_path / how.replace(" ", "_"), how)
+        out = tmp_path / "out"
+        fails_with(command(models, out, flag, str(folder)), capsys, f"{name}: ", str(folder), *needles)
+        assert not out.exists(), how
+
+
+def test_a_causal_lm_is_not_a_reward_model(models, tmp_path, capsys):
+    # Its score head would be initialised at random, with only a warning from transformers.
+    fails_with(command(models, tmp_path / "out", "--reward_model", str(models / "policy")), capsys,
+               "reward_model: the weights in", "lack 1 of the tensors", "score.weight")
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_gold_judge():

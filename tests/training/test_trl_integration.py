@@ -417,6 +417,32 @@ def test_r2m_config_names_the_bad_field(values, field_name):
     assert R2MConfig(grebt_alpha=0.45).alpha == 0.45
 
 
+@pytest.mark.parametrize("mode", ["r2m", "iterative-head"])
+def test_the_head_learning_rate_bound_is_where_adamw_overflows(mode):
+    """head_learning_rate up to HEAD_LEARNING_RATE_MAX: the head's AdamW takes its first step
+    (whose size is 10x the rate); above it torch itself raises converting that step to float32,
+    so R2MConfig refuses it, naming the field and the reason."""
+    from r2m import R2MRewardModel
+    from r2m.config import HEAD_LEARNING_RATE_MAX
+    from r2m.experiment.tiny import tiny_reward_backbone, tiny_tokenizer
+    from r2m.head_update import HeadUpdate
+
+    def first_step(rate):
+        update = HeadUpdate(R2MRewardModel(*tiny_reward_backbone(tiny_tokenizer()), 16, attn_dim=8),
+                            R2MConfig(mode=mode, head_learning_rate=HEAD_LEARNING_RATE_MAX))
+        update.optimizer.param_groups[0]["lr"] = rate  # past R2MConfig's check
+        for p in update.optimizer.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        update.optimizer.step()
+
+    first_step(HEAD_LEARNING_RATE_MAX)
+    above = HEAD_LEARNING_RATE_MAX * (1 + 1e-15)
+    with pytest.raises(RuntimeError, match="overflow"):
+        first_step(above)
+    with pytest.raises(ValueError, match=r"^head_learning_rate must be <= 3.403e\+37: .*10x the rate.*float32"):
+        R2MConfig(mode=mode, head_learning_rate=above)
+
+
 def test_evaluation_between_iterations_keeps_the_pending_update(models, tmp_path):
     """An evaluation after the first of two iterations scores with the R2M reward (logged with
     TRL's eval_ prefix) and leaves the training batch's head step in place."""
