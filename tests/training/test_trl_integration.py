@@ -428,8 +428,8 @@ def test_the_head_learning_rate_bound_is_where_adamw_overflows(mode):
     from r2m.head_update import HeadUpdate
 
     def first_step(rate):
-        update = HeadUpdate(R2MRewardModel(*tiny_reward_backbone(tiny_tokenizer()), 16, attn_dim=8),
-                            R2MConfig(mode=mode, head_learning_rate=HEAD_LEARNING_RATE_MAX))
+        config = R2MConfig(mode=mode, attn_dim=8, head_learning_rate=HEAD_LEARNING_RATE_MAX)
+        update = HeadUpdate(R2MRewardModel(*tiny_reward_backbone(tiny_tokenizer()), 16, config=config), config)
         update.optimizer.param_groups[0]["lr"] = rate  # past R2MConfig's check
         for p in update.optimizer.param_groups[0]["params"]:
             p.grad = torch.ones_like(p)
