@@ -10,12 +10,18 @@ import json
 import math
 from pathlib import Path
 
-from .stats import area_under, paired_summary
+from .stats import area_under, holm, paired_summary
 
 # held-out endpoints compared within a seed: gold averaged (trapezoid) over the run, over its
 # second half (the evaluations at steps >= T/2), and at the last step
 PAIRED_METRICS = ("gold_auc", "gold_second_half", "gold_final")
 HEAD_TO_HEAD = (("r2m", "iterative-head"),)  # contrasts between two arms, beside each arm's against static
+# the primary endpoint and the family of contrasts Holm's correction runs over on it (fixed before
+# the confirmatory run in docs/experiment/pilot-plan.md): policy feedback against the frozen RM, and
+# against the same head trained without policy feedback (the paper's Iterative RMHead)
+PRIMARY_ENDPOINT = "gold_second_half"
+PRIMARY_FAMILY = ("r2m − static", "r2m − iterative-head")
+FAMILY_ALPHA = 0.05
 
 # TRL log keys of the training batches, each averaged over the first third, the last third and the
 # whole of the run's scorings that logged it (the arms whose reward has a head; the attention
@@ -86,6 +92,10 @@ def summarise(records: list[dict], meta: dict) -> dict:
     paired = {arm: contrast(arm, "static") for arm in arms}
     # the paper's own contrast: policy feedback (r2m) against none (its Iterative RMHead baseline)
     head_to_head = {f"{a} − {b}": contrast(a, b) for a, b in HEAD_TO_HEAD if a in arms and b in arms}
+    contrasts = {**{f"{arm} − static": c for arm, c in paired.items()}, **head_to_head}
+    family = {name: contrasts[name][PRIMARY_ENDPOINT]["p_value"] for name in PRIMARY_FAMILY
+              if name in contrasts and contrasts[name][PRIMARY_ENDPOINT]}
+    primary = {"endpoint": PRIMARY_ENDPOINT, "alpha": FAMILY_ALPHA, "holm": holm(family, FAMILY_ALPHA)}
     static_start = [r for r in records if r["arm"] == "static"]
     setup = {"rm_fit": meta.get("rm_fit", {}).get("stats"),
              "initial_held_out": {  # the initial policy's held-out samples (step 0 of the static arms)
@@ -93,7 +103,7 @@ def summarise(records: list[dict], meta: dict) -> dict:
                  for key in ("gold", "rm_agree_gold", "rm_agree_length", "length", "rm_reward")},
              "gold_max": meta.get("gold_max")}
     return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "head_to_head": head_to_head,
-            "pairing": pairing_checks(records)}
+            "primary": primary, "pairing": pairing_checks(records)}
 
 
 def _fmt(value, spec=".3f", signed=False) -> str:
@@ -116,6 +126,19 @@ def paired_line(name: str, s: dict) -> str:
     return (f"  {name:<24} {_fmt(s['mean'], signed=True)} ± {_fmt(s['sd'])} (n={s['n']}; per seed {per_seed}; "
             f"SE {_fmt(s['se'])}, 95% CI [{_fmt(s['ci_low'], signed=True)}, {_fmt(s['ci_high'], signed=True)}], "
             f"p {_fmt(s['p_value'], '.2f')}, smallest detectable {_fmt(s['mde'])})")
+
+
+def holm_lines(primary: dict) -> list[str]:
+    """The primary endpoint's family of contrasts after Holm's correction."""
+    if not primary["holm"]:
+        return []
+    lines = ["", f"primary endpoint ({primary['endpoint']}), Holm's correction over "
+                 f"{' and '.join(primary['holm'])} at family-wise α = {primary['alpha']}:"]
+    for name, h in primary["holm"].items():
+        verdict = ("untested" if math.isnan(h["p_holm"]) else
+                   "rejected (the arms differ)" if h["reject"] else "not rejected")
+        lines.append(f"  {name:<24} Holm-adjusted p {_fmt(h['p_holm'], '.3f')}: {verdict}")
+    return lines
 
 
 def _change(m: dict, name: str, spec: str = ".2f") -> str:
@@ -164,6 +187,7 @@ def table(summary: dict) -> str:
         if paired:
             lines += ["", f"paired difference of held-out {title}, same seed:"]
             lines += [paired_line(name, s) for name, s in paired]
+    lines += holm_lines(summary["primary"])
     bad = {seed: [k for k, ok in c.items() if not ok] for seed, c in summary["pairing"].items()}
     bad = {seed: keys for seed, keys in bad.items() if keys}
     lines.append("pairing: " + ("every arm of a seed saw the same prompts and the same held-out samples at step 0"
@@ -240,7 +264,10 @@ def markdown(summary: dict) -> str:
     lines += ["", "Smallest detectable effect: (t_{0.975,n-1} + t_{0.8,n-1}) × SD / √n, the true mean paired "
               "difference a two-sided paired t-test at α = 0.05 finds with power 0.8, given the observed SD; "
               "95% CI: mean ± t_{0.975,n-1} × SD / √n. Neither, nor a p-value, is given for fewer than 3 seeds or "
-              "a difference that does not vary between seeds.", "",
+              "a difference that does not vary between seeds. The CI and p-value beside each contrast are "
+              f"unadjusted; on the primary endpoint ({PRIMARY_ENDPOINT}) the family {' and '.join(PRIMARY_FAMILY)} is "
+              "also tested with Holm's step-down correction (the smaller p-value against α/2, then the other "
+              "against α).", "",
               "![gold and frozen-RM reward against KL](report.png)", ""]
     return "\n".join(lines)
 

@@ -92,6 +92,10 @@ def test_report_files_and_table(experiment, capsys):
     assert "no p-value, CI or detectable effect: 2 seeds, at least 3 needed" in text
     assert "smallest detectable" not in text
     assert all(math.isnan(summary["paired"][arm]["gold_auc"]["mde"]) for arm in ("r2m", "iterative-head"))
+    # ...and the primary family's Holm correction has nothing to correct
+    assert list(summary["primary"]["holm"]) == ["r2m − static", "r2m − iterative-head"]
+    assert all(math.isnan(h["p_holm"]) and not h["reject"] for h in summary["primary"]["holm"].values())
+    assert "Holm-adjusted p n/a: untested" in text
     # R2M's metrics come from TRL's log: the head's share and where it looks for r2m only, the
     # re-ranking against the frozen RM for both arms with a head
     r2m_run = next(m for m in summary["runs"] if m["arm"] == "r2m")

@@ -1,13 +1,14 @@
 """The experiment's statistics on synthetic inputs with known answers: t quantiles, the paired
 summary (mean, SD, SE, p-value, minimum detectable effect), within-group agreement, re-ranking
-against the frozen RM, the head's attention statistics, the AUC."""
+against the frozen RM, the head's attention statistics, the AUC, Holm's correction and the report's
+primary family."""
 
 import math
 
 import pytest
 import torch
 
-from r2m.experiment.stats import area_under, paired_summary, t_cdf, t_quantile
+from r2m.experiment.stats import area_under, holm, paired_summary, t_cdf, t_quantile
 from r2m.metrics import (completion_attention_mass, max_attention_weight, pairwise_agreement, reranked_share,
                          shared_focus)
 
@@ -173,3 +174,55 @@ def test_run_metrics_gold_endpoints():
     assert m["gold_second_half"] == pytest.approx((0.1 + 0.4) / 2)  # the evaluations at 8 and 12
     assert (m["train_head_share_first_third"], m["train_head_share_last_third"]) == (0.0, 0.6)
     assert m["train_head_share_run"] == pytest.approx(0.3)
+
+
+def test_holm_known_answers():
+    # m = 3: 0.01 -> 0.03; 0.03 -> max(0.03, 2 x 0.03) = 0.06; 0.04 -> max(0.06, 1 x 0.04) = 0.06
+    h = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert {k: v["p_holm"] for k, v in h.items()} == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert [h[k]["reject"] for k in "abc"] == [True, False, False]
+    # two tests: the smaller against alpha / 2, then the other against alpha
+    assert all(v["reject"] for v in holm({"x": 0.02, "y": 0.04}).values())
+    assert not any(v["reject"] for v in holm({"x": 0.03, "y": 0.04}).values())
+    assert holm({"x": 0.6, "y": 0.7})["x"]["p_holm"] == 1.0  # capped at 1
+    # an untested contrast stays in the family as p = 1: never rejected, the other still halved
+    h = holm({"x": 0.02, "y": float("nan")})
+    assert h["x"] == {"p_holm": pytest.approx(0.04), "reject": True}
+    assert math.isnan(h["y"]["p_holm"]) and not h["y"]["reject"]
+    assert not holm({"x": 0.03, "y": float("nan")})["x"]["reject"]
+    assert holm({"only": 0.04}) == {"only": {"p_holm": 0.04, "reject": True}}
+    assert holm({}) == {}
+
+
+def synthetic_record(arm, seed, second_half_gold):
+    """A run whose held-out gold is 0.3 at steps 0 and 4, then `second_half_gold` at 8 and 12."""
+    rows = [dict(step=t, gold=g, rm_reward=0.0, kl=0.0, length=3.0, agree_gold=0.5, rm_agree_gold=0.5,
+                 agree_length=0.5, rm_agree_length=0.5, digest="d")
+            for t, g in ((0, 0.3), (4, 0.3), (8, second_half_gold), (12, second_half_gold))]
+    return {"arm": arm, "seed": seed, "seconds": 1.0, "eval": rows, "train": [], "prompts": [["q"]]}
+
+
+def test_summary_corrects_the_primary_family_with_holm():
+    """The report's primary endpoint (gold over the second half): r2m - static and
+    r2m - iterative-head, Holm-corrected together; the p-values are the paired t-tests'."""
+    from r2m.experiment.report import PRIMARY_ENDPOINT, summarise, table
+
+    static = [0.20, 0.22, 0.18, 0.21]
+    r2m = [0.25, 0.26, 0.24, 0.23]  # clearly above static
+    head = [0.24, 0.27, 0.22, 0.25]  # about r2m's level
+    records = [synthetic_record(arm, seed, golds[seed]) for seed in range(4)
+               for arm, golds in (("static", static), ("r2m", r2m), ("iterative-head", head))]
+    summary = summarise(records, {"arms": ["static", "r2m", "iterative-head"]})
+    assert summary["primary"]["endpoint"] == PRIMARY_ENDPOINT == "gold_second_half"
+    p_static = paired_summary([a - b for a, b in zip(r2m, static)])["p_value"]
+    p_head = paired_summary([a - b for a, b in zip(r2m, head)])["p_value"]
+    assert p_static < 0.025 < 0.05 < p_head  # the test below is not vacuous
+    h = summary["primary"]["holm"]
+    assert list(h) == ["r2m − static", "r2m − iterative-head"]
+    assert h["r2m − static"] == {"p_holm": pytest.approx(2 * p_static), "reject": True}
+    assert h["r2m − iterative-head"] == {"p_holm": pytest.approx(p_head), "reject": False}
+    text = table(summary)
+    assert f"r2m − static             Holm-adjusted p {2 * p_static:.3f}: rejected (the arms differ)" in text
+    assert f"Holm-adjusted p {p_head:.3f}: not rejected" in text
+    # iterative-head - static is reported, but not in the corrected family
+    assert "iterative-head − static" in text and "iterative-head − static" not in h
