@@ -45,6 +45,13 @@ class UsageError(ValueError):
     it as one line naming the setting, exit status 2."""
 
 
+def message_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty: what
+    a one-line UsageError quotes of a library's exception."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 @dataclass
 class R2MConfig:
     """What R2M adds to a TRL run. Validated on construction: a ValueError names the field.

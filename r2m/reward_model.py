@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from .config import R2MConfig
+from .config import R2MConfig, message_line
 from .head import R2MHead
 from .messages import turn_text
 from .tokens import attended_positions, generated_layout, last_valid_index, position_ids_from_mask
@@ -26,8 +26,7 @@ SCORE_FILE = "reward_score.safetensors"
 
 def first_line(error: Exception) -> str:
     """An error in one line: its type and the first line of its message."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {message_line(error)}" if str(error).strip() else type(error).__name__
 
 
 def read_head_weights(folder, device="cpu") -> dict:

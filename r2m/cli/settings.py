@@ -14,7 +14,7 @@ import types
 import typing
 import warnings
 
-from ..config import DEVICES, UsageError
+from ..config import DEVICES, UsageError, message_line
 
 __all__ = ["DEVICES", "HELP_ALL", "UsageError", "check_backend_runs", "check_finite", "check_yaml", "choice",
            "help_requested", "make_parser", "prescan", "runs_on_cpu", "short_help"]
@@ -40,7 +40,7 @@ def make_parser(dataclass_types, defaults: dict, prog: str, description: str):
                 try:
                     parsed = super().parse_args_and_config(*args, **kwargs)
                 except (ValueError, TypeError) as e:
-                    raise UsageError(str(e).strip().splitlines()[0]) from None
+                    raise UsageError(message_line(e)) from None
             for section in parsed:
                 check_finite(section)
             return parsed
@@ -128,7 +128,7 @@ def prescan(argv: list[str], names: tuple[str, ...], switches: tuple[str, ...] =
         except UnicodeDecodeError as e:
             raise UsageError(f"--config: {known.config} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
-            first = str(e).strip().splitlines()[0]
+            first = message_line(e)
             raise UsageError(f"--config: {known.config} is not valid YAML ({first})") from None
         if not isinstance(from_yaml, dict):
             raise UsageError(f"--config: {known.config} must hold a mapping of settings, "

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import message_line
 from .settings import (DEVICES, HELP_ALL, UsageError, check_backend_runs, check_yaml, choice, help_requested,
                        make_parser, prescan, runs_on_cpu, short_help)
 
@@ -159,7 +160,7 @@ def _load(name: str, loader, value: str):
     try:
         return loader(value)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{name}: cannot load {value}: {str(e).strip().splitlines()[0]}") from None
+        raise UsageError(f"{name}: cannot load {value}: {message_line(e)}") from None
 
 
 def load_model(name: str, auto_class, source: str, **kwargs):
@@ -180,7 +181,7 @@ def load_model(name: str, auto_class, source: str, **kwargs):
     except (pickle.UnpicklingError, EOFError):  # a pytorch_model.bin
         raise UsageError(f"{name}: the weights in {source} are damaged (not a readable PyTorch checkpoint)") from None
     except (OSError, ValueError, RuntimeError) as e:
-        raise UsageError(f"{name}: cannot load {source}: {str(e).strip().splitlines()[0]}") from None
+        raise UsageError(f"{name}: cannot load {source}: {message_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if info["mismatched_keys"]:
@@ -275,7 +276,7 @@ def train(script: TrainArguments, r2m_config, args) -> int:
         trainer = trainer_cls(policy, rm, args=args, r2m_config=r2m_config, processing_class=tokenizer,
                               train_dataset=Dataset.from_dict({"prompt": prompts}))
     except (ValueError, BackendUnavailableError) as e:  # TRL's and R2M's checks of the settings together
-        raise UsageError(str(e).strip().splitlines()[0]) from None
+        raise UsageError(message_line(e)) from None
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except SaveStepsError as e:  # a save_steps ratio of a length in epochs, checked once that length is known

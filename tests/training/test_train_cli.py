@@ -303,3 +303,17 @@ def test_demo_gold_judge():
     conversational = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": sum_prompt}]]
     assert tasks.gold_reward_func(conversational, [[{"role": "assistant", "content": "12"}]]) == [1.0]
     assert tasks.gold_reward_func([word_prompt], ["Rome"]) == [0.0]
+
+
+def test_a_library_error_without_a_message_is_still_one_line():
+    """The one-line errors quote a library exception's first line, or its type when its message
+    is empty (an empty message once raised IndexError out of the error handler)."""
+    from r2m.cli.train import _load
+    from r2m.config import UsageError, message_line
+
+    def loader(path):
+        raise ValueError()
+
+    with pytest.raises(UsageError, match=r"^reward_model: cannot load x: ValueError$"):
+        _load("reward_model", loader, "x")
+    assert message_line(OSError("  first\nsecond")) == "first" and message_line(KeyError()) == "KeyError"
