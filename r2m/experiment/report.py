@@ -96,10 +96,12 @@ def summarise(records: list[dict], meta: dict) -> dict:
     family = {name: contrasts[name][PRIMARY_ENDPOINT]["p_value"] for name in PRIMARY_FAMILY
               if name in contrasts and contrasts[name][PRIMARY_ENDPOINT]}
     primary = {"endpoint": PRIMARY_ENDPOINT, "alpha": FAMILY_ALPHA, "holm": holm(family, FAMILY_ALPHA)}
-    static_start = [r for r in records if r["arm"] == "static"]
+    # the initial policy's held-out samples: step 0 of one run per seed (every arm of a seed draws
+    # the same ones, pairing_checks), so the set-up is described with or without a static arm
+    first_of_seed = list({r["seed"]: r for r in reversed(records)}.values())
     setup = {"rm_fit": meta.get("rm_fit", {}).get("stats"),
-             "initial_held_out": {  # the initial policy's held-out samples (step 0 of the static arms)
-                 key: _mean(r["eval"][0][key] for r in static_start)
+             "initial_held_out": {
+                 key: _mean(r["eval"][0][key] for r in first_of_seed)
                  for key in ("gold", "rm_agree_gold", "rm_agree_length", "length", "rm_reward")},
              "gold_max": meta.get("gold_max")}
     return {"meta": meta, "setup": setup, "runs": runs, "paired": paired, "head_to_head": head_to_head,

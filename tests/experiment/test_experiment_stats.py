@@ -226,3 +226,15 @@ def test_summary_corrects_the_primary_family_with_holm():
     assert f"Holm-adjusted p {p_head:.3f}: not rejected" in text
     # iterative-head - static is reported, but not in the corrected family
     assert "iterative-head − static" in text and "iterative-head − static" not in h
+
+
+def test_set_up_described_without_a_static_arm():
+    """--with_static false: the initial policy's held-out numbers come from step 0 of each seed's
+    runs (every arm of a seed draws the same samples there), not n/a."""
+    from r2m.experiment.report import summarise
+
+    records = [synthetic_record(arm, seed, 0.2) for seed in range(2) for arm in ("r2m", "iterative-head")]
+    for r in records:
+        r["eval"][0]["gold"] = 0.1 + 0.2 * r["seed"]
+    setup = summarise(records, {"arms": ["r2m", "iterative-head"]})["setup"]
+    assert setup["initial_held_out"]["gold"] == pytest.approx(0.2) and setup["initial_held_out"]["length"] == 3.0
