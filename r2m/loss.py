@@ -13,7 +13,7 @@ class GREBTLoss(nn.Module):
     """(1 - alpha) * Bradley-Terry on each group's (max, min) pair + alpha * the entropy of the
     softmax of the group's standardised rewards; mean over groups by default.
 
-    forward(rewards (B,), group_size=None, *, cu_groups=None) -> fp32 loss.
+    forward(rewards (B,), group_size=None, *, cu_groups=None) -> loss, fp32 (fp64 for fp64 rewards).
     """
 
     def __init__(self, alpha: float = 0.3, eps: float = 1e-6, reduction: str = "mean",

@@ -138,10 +138,11 @@ class R2MRewardModel(nn.Module):
         through the tokenizer's chat template (`chat_template_kwargs` as TRL's config has them),
         text prompts concatenated with their completions; tokenized without special tokens,
         right-padded. Without a tokenizer, the policy's own ids `input_ids`, `attention_mask`."""
+        device = self.score_head.weight.device
         if self.tokenizer is None:
             if input_ids is None or attention_mask is None:
                 raise ValueError("input_ids and attention_mask are needed when the RM reads the policy's tokens")
-            return input_ids, attention_mask
+            return input_ids.to(device), attention_mask.to(device)
         tok = self.tokenizer
         if isinstance(prompts[0], (list, tuple)):
             if not getattr(tok, "chat_template", None):
@@ -152,7 +153,6 @@ class R2MRewardModel(nn.Module):
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
         enc = tok(text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        device = self.score_head.weight.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     @staticmethod

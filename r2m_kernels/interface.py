@@ -23,7 +23,7 @@ def attention_pool(hidden: torch.Tensor, q: torch.Tensor, scale: float, *, mask=
         cu_seqlens: (B+1,) int32 offsets of the sequences in packed hidden.
         backend: "auto", "torch", "triton" or "cuda".
     Returns:
-        pooled (B, n_h, D_p) in hidden.dtype. Softmax and accumulation are fp32.
+        pooled (B, n_h, D_p) in hidden.dtype. Softmax and accumulation are fp32 (fp64 for fp64 inputs).
     """
     inputs = validate_attention_pool(hidden, q, scale, mask, cu_seqlens)
     _, fn = dispatch.resolve("attention_pool", backend, inputs)
@@ -69,7 +69,7 @@ def score_mix(attended: torch.Tensor, rte: torch.Tensor, out_weight: torch.Tenso
         out_weight: W_o as nn.Linear(d, D_rm).weight, (D_rm, d).
         score_weight, score_bias: phi as nn.Linear(D_rm, 1): (1, D_rm) and (1,) or None.
         omega: the time-step weight, in [0, 1].
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "cuda".
     Returns:
         rewards (B,), fp32 (fp64 for an fp64 score head); differentiable in every tensor.
     """

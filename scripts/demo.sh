@@ -4,7 +4,7 @@
 # trained with TRL's RLOO against a deliberately biased reward model, static RM vs R2M vs the
 # paper's Iterative RMHead baseline, paired over two seeds, measured on held-out prompts; ends
 # with the held-out table, what each reward did on its training batches (how often it re-ranked
-# a group against the frozen RM, where R2M's head looked) and runs/experiment/report.{md,png}.
+# a group against the frozen RM, where R2M's head looked) and runs/experiment/report.{md,json,csv,png}.
 # Extra arguments go to `r2m experiment` (e.g. --preset full, --seeds 0,1,2, --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."

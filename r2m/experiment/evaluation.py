@@ -37,7 +37,7 @@ class HeldOutEvaluation(TrainerCallback):
     trainer: an R2M trainer (R2MRLOOTrainer or R2MGRPOTrainer). judge: the gold reward in TRL's
     reward-function form (default: the trainer's). prompts: the
     held-out prompts in the training set's form. reference: the initial policy, frozen (for the
-    KL). every: evaluate when the global step is a multiple of it, and at step 0. samples: K
+    KL). every: evaluate when the global step is a multiple of it, at step 0 and at the last step. samples: K
     per prompt. seed: the sampling seed, the same at every evaluation and in every arm.
 
     Each row: step; gold, rm_reward (the frozen RM), reward (the reward the run optimises, at

@@ -52,7 +52,7 @@ class ExperimentArguments:
     seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each seed pairs all arms"})
     eval_every: int = field(default=4, metadata={
         "help": "evaluate on the held-out prompts every N optimizer steps (and at step 0 and the last); "
-                "a multiple of num_iterations"})
+                "a multiple of the optimizer steps per generation batch (num_iterations × steps_per_generation)"})
     eval_samples: int = field(default=2, metadata={"help": "completions per held-out prompt"})
     eval_prompts: int = field(default=0, metadata={
         "help": "how many of the held-out prompts to evaluate on, the first N (0: all of them)"})

@@ -1,5 +1,5 @@
 """A tiny random-weight Llama policy and reward model with a character tokenizer, built in
-code (nothing downloaded): for tests and for `r2m train --tiny`, a smoke run in seconds."""
+code (nothing downloaded): for tests and for `r2m experiment --tiny`, a smoke run in seconds."""
 
 from __future__ import annotations
 
