@@ -237,7 +237,9 @@ def markdown(summary: dict) -> str:
     lines = ["# r2m experiment", "",
              f"Command: `{meta['command']}`", "",
              f"Versions: r2m {v['r2m']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
-             f"Python {v['python']} ({v['machine']}, {v['threads']} threads). Wall time {meta['seconds']:.0f} s.", "",
+             f"Python {v['python']} ({v['machine']}, {v['threads']} threads). This command's wall time "
+             f"{meta['seconds']:.0f} s; the runs' own {sum(m['seconds'] for m in summary['runs']):.0f} s (the runs of "
+             "an experiment continued in parts were made by the earlier commands).", "",
              f"Arms {', '.join(meta['arms'])}; seeds {', '.join(map(str, meta['seeds']))}; T = {meta['max_steps']} "
              "optimizer steps (= omega's schedule length).", "",
              "## Set-up", "",
