@@ -103,7 +103,7 @@ def holm(p_values: Mapping[str, float], alpha: float = 0.05) -> dict[str, dict]:
 
     Sorted p_(1) <= ... <= p_(m), p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). A NaN
     p-value (a contrast paired_summary left untested) stays in the family as p = 1: it is never
-    rejected, its p_holm is NaN, and it weakens no other test's correction."""
+    rejected, its p_holm is NaN, and the others are corrected as for the whole family."""
     m = len(p_values)
     as_tested = {name: 1.0 if math.isnan(p) else float(p) for name, p in p_values.items()}
     adjusted, running = {}, 0.0
